@@ -1,0 +1,1 @@
+"""Finetune Studio's training engine: plain Python + torch/HF, never imports Gradio."""

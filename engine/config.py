@@ -1,0 +1,229 @@
+"""Every engine flag, once: name, type, default and help live beside each other here.
+
+The CLI (`python -m engine.train --help`), config.json in a run folder and the UI's form are all
+built from `TrainConfig`, so a flag, a config key and a UI label key are the same word. Names,
+value syntax (`true`/`false`, `NA`, `auto`, fractional steps) and meaning follow the seed
+recipe's README (TrueFoundry llm-finetune).
+"""
+
+import argparse
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class PeftType(enum.StrEnum):
+    lora = "lora"
+    ia3 = "ia3"
+    none = "none"  # full finetuning
+
+
+class Strategy(enum.StrEnum):
+    no = "no"
+    steps = "steps"
+    epoch = "epoch"
+
+
+class ReportTo(enum.StrEnum):
+    none = "none"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    wandb = "wandb"
+
+
+def _flag(default: Any, help: str, group: str = "training", **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    model_id: str = _flag("", "Hub id or local folder of the base model.", "model", required=True)
+    train_data: str = _flag("", "JSONL file of training examples (prompt/completion or chat messages).", "data", required=True)
+    eval_data: str | None = _flag(None, "JSONL file for evaluation; NA splits it off train_data (see eval_size).", "data")
+    eval_size: float = _flag(0.1, "With eval_data NA: below 1, the fraction of train_data held out; 1 or more, that many examples; 0, no eval.", "data")
+    max_num_samples: int = _flag(0, "Train on the first N examples only; 0 uses them all.", "data")
+    max_length: int = _flag(2048, "Tokens per example; longer ones are truncated (and counted).", "data")
+    train_on_prompt: bool = _flag(False, "Also train on prompt / user / system tokens; false trains only on completions and assistant turns.", "data")
+    chat_template: str | None = _flag(None, "Jinja chat template (text or a file path); NA uses the tokenizer's own, else a Mistral-style default.", "data")
+    streaming: bool = _flag(False, "Read train_data lazily while training (for files larger than RAM); false tokenizes once into a memory-mapped cache.", "data")
+    seed: int = _flag(42, "Random seed for the eval split, data order and adapter init.", "data")
+
+    # --- model and adapter ---
+    use_flash_attention: bool = _flag(False, "Use the fastest attention installed (flash-attn 2, then 4, then SDPA); false uses SDPA.", "model")
+    use_qlora: bool = _flag(False, "Load the base model in 4-bit nf4 (double quantization) and train a LoRA on top.", "model")
+    peft_type: PeftType = _flag(PeftType.lora, "Adapter kind: lora, ia3, or none for full finetuning.", "model")
+    use_dora: bool = _flag(False, "Weight-decomposed LoRA (DoRA): often better quality, slower.", "model")
+    lora_target_modules: list[str] | None = _flag(None, "Layers to adapt, comma separated; auto adapts every linear layer but the output head.", "model")
+    lora_r: int = _flag(32, "LoRA rank: adapter capacity (8-64 typical).", "model")
+    lora_alpha: int = _flag(64, "LoRA scaling numerator; the update is scaled by alpha / r (2 x r is common).", "model")
+    lora_dropout: float = _flag(0.05, "Dropout on the LoRA input during training.", "model")
+    merge_adapter: bool = _flag(False, "Also write the base model with the adapter merged in (output_dir/merged).", "model")
+
+    # --- optimisation ---
+    num_train_epochs: float = _flag(1.0, "Passes over the training data.")
+    max_steps: int = _flag(-1, "Stop after this many optimizer steps; -1 uses num_train_epochs.")
+    per_device_train_batch_size: int = _flag(1, "Examples per GPU per micro-batch.")
+    per_device_eval_batch_size: int = _flag(1, "Examples per GPU per eval batch.")
+    gradient_accumulation_steps: int = _flag(4, "Micro-batches per optimizer step (effective batch = this x batch size x GPUs).")
+    auto_find_batch_size: bool = _flag(False, "On out-of-memory, halve the batch size and retry (not with DeepSpeed).")
+    learning_rate: float = _flag(2e-4, "Peak learning rate (2e-4 suits LoRA; 1e-5 for full finetuning).")
+    lr_scheduler_type: str = _flag("cosine", "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = _flag(0.03, "Fraction of total steps spent warming the learning rate up from 0.")
+    weight_decay: float = _flag(0.0, "AdamW weight decay.")
+    optim: str = _flag("adamw_torch", "Optimizer name as in transformers (adamw_torch, paged_adamw_8bit, adamw_bnb_8bit, ...).")
+    gradient_checkpointing: bool = _flag(True, "Recompute activations in the backward pass: much less memory, about 30% slower.")
+    bf16: bool = _flag(False, "bfloat16 mixed precision (Ampere or newer GPUs, and CPUs).", "hardware")
+    fp16: bool = _flag(False, "float16 mixed precision (V100, T4 and other GPUs without bf16).", "hardware")
+    torch_compile: bool = _flag(False, "Compile the model with torch.compile.", "hardware")
+    deepspeed: str | None = _flag(None, "DeepSpeed JSON config file; NA for none.", "hardware")
+    use_ddp: bool = _flag(False, "Plain data-parallel training across the launched processes (no DeepSpeed).", "hardware")
+
+    # --- logging, eval, checkpoints ---
+    output_dir: str = _flag("./model", "Where checkpoints and the final adapter are written.", "output")
+    cleanup_output_dir_on_start: bool = _flag(False, "Delete output_dir before training (loses its checkpoints).", "output")
+    resume_from_checkpoint: str | None = _flag(None, "false, true (latest checkpoint in output_dir) or a checkpoint folder.", "output")
+    logging_strategy: Strategy = _flag(Strategy.steps, "When to log: no, steps, epoch.", "output")
+    logging_steps: float = _flag(1.0, "Log every N steps; below 1, a fraction of total steps.", "output")
+    save_strategy: Strategy = _flag(Strategy.steps, "When to save a checkpoint: no, steps, epoch.", "output")
+    save_steps: float = _flag(0.1, "Save every N steps; below 1, a fraction of total steps.", "output")
+    save_total_limit: int = _flag(2, "Keep at most this many checkpoints (oldest deleted); 0 keeps all.", "output")
+    eval_strategy: Strategy = _flag(Strategy.steps, "When to evaluate: no, steps, epoch (alias: evaluation_strategy).", "output", aliases=["evaluation_strategy"])
+    eval_steps: float = _flag(0.1, "Evaluate every N steps; below 1, a fraction of total steps.", "output")
+    events_file: str | None = _flag(None, "Where rank 0 writes events (JSON lines); NA writes output_dir/events.jsonl.", "output")
+    report_to: ReportTo = _flag(ReportTo.none, "Experiment tracker: none, tensorboard, mlflow, wandb.", "output")
+
+    # --- TrueFoundry tracking (the seed's flags) ---
+    mlfoundry_enable_reporting: bool = _flag(False, "Report metrics (and optionally checkpoints) to TrueFoundry.", "tracking")
+    mlfoundry_ml_repo: str | None = _flag(None, "TrueFoundry ML repo to report to.", "tracking")
+    mlfoundry_run_name: str | None = _flag(None, "Run name in TrueFoundry; NA lets it pick one.", "tracking")
+    mlfoundry_checkpoint_artifact_name: str | None = _flag(None, "Artifact name for checkpoints uploaded to TrueFoundry.", "tracking")
+    mlfoundry_log_checkpoints: bool = _flag(False, "Upload every checkpoint to TrueFoundry.", "tracking")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, as written to config.json and events."""
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def to_argv(self) -> list[str]:
+        """The flags that differ from the defaults, as `--name value` pairs that parse back to self."""
+        argv = []
+        defaults = TrainConfig()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != getattr(defaults, f.name) or f.metadata.get("required"):
+                argv += [f"--{f.name}", format_value(value)]
+        return argv
+
+
+# ---- value syntax (the seed's): true/false, NA, auto, comma lists ----
+
+_TRUE = {"true", "1", "yes", "y"}
+_FALSE = {"false", "0", "no", "n"}
+_NONE = {"na", "none", "null", ""}
+
+
+def parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_optional_str(text: str) -> str | None:
+    return None if text.strip().lower() in _NONE else text
+
+
+def parse_target_modules(text: str) -> list[str] | None:
+    """`auto` → None (resolved from the model later); else a comma or space separated list."""
+    if text.strip().lower() in {"auto"} | _NONE:
+        return None
+    names = text.replace(",", " ").replace("[", " ").replace("]", " ").split()
+    return [n.strip("'\"") for n in names]
+
+
+def parse_resume(text: str) -> str | None:
+    """`false` → None, `true` → "true" (the latest checkpoint in output_dir), else a path."""
+    low = text.strip().lower()
+    if low in _FALSE | _NONE:
+        return None
+    return "true" if low in _TRUE else text
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "NA"
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+def _parser_type(f: dataclasses.Field) -> Any:
+    if f.name == "lora_target_modules":
+        return parse_target_modules
+    if f.name == "resume_from_checkpoint":
+        return parse_resume
+    kind = f.type
+    if kind is bool:
+        return parse_bool
+    if kind in (int, float):
+        return kind
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return kind
+    return parse_optional_str if f.default is None else str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.train",
+        description="Finetune an LLM with LoRA, QLoRA, IA3 or full finetuning. Booleans take "
+        "true/false; optional paths take NA for none. Env: TORCH_PER_PROCESS_MEMORY_LIMIT "
+        "(fraction of GPU memory, or MiB) caps each process's GPU memory; CUDA_VISIBLE_DEVICES "
+        "picks the GPUs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        group_name = f.metadata["group"]
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        kind = f.type
+        names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", [])]
+        extra: dict[str, Any] = {}
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            extra["choices"] = list(kind)
+            extra["metavar"] = "{" + ",".join(m.value for m in kind) + "}"
+        default = None if f.metadata.get("required") else f.default
+        group.add_argument(
+            *names,
+            dest=f.name,
+            type=_parser_type(f),
+            default=default,
+            required=bool(f.metadata.get("required")),
+            help=f.metadata["help"] + ("" if f.name != "lora_target_modules" else " (default: auto)"),
+            **extra,
+        )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    namespace = build_parser().parse_args(argv)
+    return TrainConfig(**vars(namespace))
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """config.json back into a TrainConfig (unknown keys are an error, not silently dropped)."""
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    typed = {}
+    for name, value in values.items():
+        kind = known[name].type
+        typed[name] = kind(value) if isinstance(kind, type) and issubclass(kind, enum.Enum) else value
+    return TrainConfig(**typed)

@@ -1,0 +1,140 @@
+"""Base model loading (dtype, attention backend, 4-bit) and adapters (LoRA, QLoRA, DoRA, IA3)."""
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import import_utils
+
+from engine.config import PeftType, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def pick_attention(config: TrainConfig) -> tuple[str, str]:
+    """The attention backend to use and why, best first: flash-attn 2, flash-attn 4, SDPA."""
+    if not config.use_flash_attention:
+        return "sdpa", "use_flash_attention is false"
+    if not torch.cuda.is_available():
+        return "sdpa", "flash attention needs a CUDA GPU; this machine has none"
+    if not (config.bf16 or config.fp16):
+        return "sdpa", "flash attention needs bf16 or fp16; neither is on"
+    if import_utils.is_flash_attn_2_available():
+        return "flash_attention_2", "flash-attn 2 is installed"
+    if import_utils.is_flash_attn_4_available():
+        return "flash_attention_4", "flash-attn 4 is installed (flash-attn 2 is not)"
+    return "sdpa", "neither flash-attn 2 nor 4 is installed; PyTorch SDPA picks its own flash kernel"
+
+
+def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(config.model_id)
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the loss, so any existing token serves; unk keeps eos unambiguous.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _device_map(config: TrainConfig) -> dict | None:
+    # A quantized model must be placed at load time; each rank takes its own GPU. DeepSpeed and
+    # DDP place a 16-bit model themselves.
+    if not config.use_qlora:
+        return None
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def load_model(config: TrainConfig, attention: str) -> PreTrainedModel:
+    kwargs = {"dtype": compute_dtype(config), "attn_implementation": attention}
+    if config.use_qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(config),
+        )
+    model = AutoModelForCausalLM.from_pretrained(config.model_id, device_map=_device_map(config), **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def resolve_target_modules(model: PreTrainedModel) -> list[str]:
+    """`auto`: every linear layer but the output head, by its short name (q_proj, ..., down_proj).
+
+    Works for any architecture and for 4-bit layers, whose classes subclass nn.Linear.
+    """
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+    return sorted(names)
+
+
+def _feedforward_modules(model: PreTrainedModel, targets: list[str]) -> list[str]:
+    """IA3 scales the input of feed-forward down projections: the targets fed the MLP's hidden size."""
+    inner = getattr(model.config, "intermediate_size", None)
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and name.rsplit(".", 1)[-1] in targets
+            and module.in_features == inner
+        }
+    )
+
+
+def add_adapter(model: PreTrainedModel, config: TrainConfig, targets: list[str]) -> PreTrainedModel:
+    """Wraps the model in a PEFT adapter, or leaves it whole for full finetuning."""
+    if config.peft_type == PeftType.none:
+        return model
+    from peft import IA3Config, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.use_qlora:
+        # Casts norms to fp32 and enables input gradients so checkpointing works with frozen 4-bit weights.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    if config.peft_type == PeftType.ia3:
+        adapter = IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=targets,
+            feedforward_modules=_feedforward_modules(model, targets),
+        )
+    else:
+        adapter = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets,
+            use_dora=config.use_dora,
+        )
+    return get_peft_model(model, adapter)
+
+
+def merge_adapter(config: TrainConfig, adapter_dir: Path, merged_dir: Path) -> Path:
+    """Writes base + adapter as one model. A QLoRA base is reloaded in 16-bit, never merged in 4-bit."""
+    from peft import PeftModel
+
+    dtype = compute_dtype(config) if config.bf16 or config.fp16 else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(config.model_id, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(merged_dir)
+    return merged_dir

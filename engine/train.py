@@ -1,0 +1,211 @@
+"""The finetuning recipe, top to bottom: parse → pre-flight → data → model → trainer → save.
+
+    python -m engine.train --model_id ./my-model --train_data data.jsonl --use_qlora true
+    accelerate launch --multi_gpu --num_processes 2 -m engine.train --use_ddp true ...
+
+`python -m engine.train --help` lists every flag. Rank 0 writes progress to events.jsonl
+(engine/events.py); a problem found before training exits with code 2, a crash with code 1,
+each after a `failed` event that says what happened and what to do.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from engine.config import PeftType, TrainConfig, parse_args
+from engine.events import EventWriter
+
+log = logging.getLogger("engine.train")
+
+EXIT_PREFLIGHT = 2
+EXIT_CRASH = 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+class Recipe:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.events = EventWriter(
+            config.events_file or self.output_dir / "events.jsonl", enabled=_rank() == 0
+        )
+
+    def setup(self) -> None:
+        # Imports that pull in torch and transformers wait until the pre-flight has passed, so a
+        # typo in a flag is reported in a second, not after a multi-second import.
+        from transformers import set_seed
+
+        from engine import data, memory, model
+
+        config = self.config
+        set_seed(config.seed)  # the adapter's initial weights come from the global RNG
+        if config.cleanup_output_dir_on_start and _rank() == 0:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+        memory.apply_memory_limit(int(os.environ.get("LOCAL_RANK", 0)))
+
+        self.tokenizer = model.load_tokenizer(config)
+        template_source = data.setup_chat_template(self.tokenizer, config.chat_template)
+        log.info("chat template: %s", template_source)
+
+        # Data before the model: tokenizing is cheap next to loading weights, and fails faster.
+        self.datasets = data.build_datasets(config, self.tokenizer)
+        log.info(
+            "data: %d train / %d eval examples, %d train tokens, %d truncated at max_length %d",
+            self.datasets.num_train_examples, self.datasets.num_eval_examples,
+            self.datasets.train_tokens, self.datasets.num_truncated, config.max_length,
+        )
+
+        attention, why = model.pick_attention(config)
+        log.info("attention: %s (%s)", attention, why)
+        self.model = model.load_model(config, attention)
+        self.targets = config.lora_target_modules or model.resolve_target_modules(self.model)
+        if config.peft_type != PeftType.none:
+            log.info("adapter %s on %s", config.peft_type.value, ", ".join(self.targets))
+        self.model = model.add_adapter(self.model, config, self.targets)
+        self.resolved = {
+            **config.to_dict(),
+            "lora_target_modules": self.targets,
+            "attention": attention,
+            "chat_template_source": template_source,
+        }
+        self.trainer = self._build_trainer()
+
+    def _build_trainer(self):
+        from transformers import DataCollatorForSeq2Seq, Trainer
+
+        from engine.callbacks import EventsCallback, StopOnSignal
+        from engine.trainer_args import training_arguments
+
+        config = self.config
+        self.stop = StopOnSignal()
+        callbacks = [
+            EventsCallback(
+                self.events,
+                {
+                    "num_train_examples": self.datasets.num_train_examples,
+                    "num_eval_examples": self.datasets.num_eval_examples,
+                    "train_tokens": self.datasets.train_tokens,
+                    "num_truncated": self.datasets.num_truncated,
+                    "config": self.resolved,
+                },
+            ),
+            self.stop,
+        ]
+        if config.mlfoundry_enable_reporting:
+            from engine.tracking import TrueFoundryCallback
+
+            callbacks.append(TrueFoundryCallback(config))
+        return Trainer(
+            model=self.model,
+            args=training_arguments(config, self.datasets),
+            train_dataset=self.datasets.train,
+            eval_dataset=self.datasets.eval,
+            # Pads input_ids with the pad token and labels with -100, to the longest in the batch.
+            data_collator=DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),
+            processing_class=self.tokenizer,
+            callbacks=callbacks,
+        )
+
+    def train(self) -> None:
+        resume = self.config.resume_from_checkpoint
+        result = self.trainer.train(resume_from_checkpoint=True if resume == "true" else resume)
+        self.train_metrics = result.metrics
+
+    def save(self) -> None:
+        from engine import model
+
+        self.trainer.save_model(self.config.output_dir)  # adapter (or full model) + tokenizer
+        if self.trainer.is_world_process_zero():
+            (self.output_dir / "finetune_config.json").write_text(json.dumps(self.resolved, indent=2))
+        state = self.trainer.state
+        if self.stop.stopped:
+            self.events.write(
+                "stopped", step=state.global_step,
+                checkpoint=str(self.output_dir / f"checkpoint-{state.global_step}"),
+                adapter_path=str(self.output_dir),
+            )
+            return
+        merged_path = None
+        if self.config.merge_adapter and self.config.peft_type != PeftType.none:
+            self.trainer.accelerator.wait_for_everyone()
+            if self.trainer.is_world_process_zero():
+                del self.trainer.model, self.model  # free the training copy before loading a 16-bit base
+                merged_path = str(model.merge_adapter(self.config, self.output_dir, self.output_dir / "merged"))
+        self.events.write(
+            "finished",
+            adapter_path=str(self.output_dir),
+            merged_path=merged_path,
+            step=state.global_step,
+            train_runtime_s=self.train_metrics.get("train_runtime"),
+            train_loss=self.train_metrics.get("train_loss"),
+        )
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        format=f"%(asctime)s [rank {_rank()}] %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if _rank() == 0 else logging.WARNING,
+        stream=sys.stdout,
+    )
+
+
+def _explain(exc: BaseException, config: TrainConfig) -> tuple[str, str]:
+    from engine import memory
+
+    if memory.is_out_of_memory(exc):
+        return "The GPU ran out of memory.", memory.out_of_memory_hint(config)
+    if isinstance(exc, OSError) and "model_id" not in str(exc) and config.model_id in str(exc):
+        return (
+            f"Could not load the model {config.model_id}.",
+            "Check model_id: a hub id you can access, or a local model folder.",
+        )
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return (
+        f"{type(exc).__name__}: {first_line}",
+        "Read the log for the full error; fix the cause and start the run again.",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    _configure_logging()
+    config = parse_args(argv)
+    recipe = Recipe(config)
+
+    from engine.preflight import preflight
+
+    problems = preflight(config)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        recipe.events.write(
+            "failed",
+            error=f"The configuration has {len(problems)} problem(s): " + problems[0],
+            hint="Fix each of these and start again: " + " | ".join(problems),
+            problems=problems,
+        )
+        return EXIT_PREFLIGHT
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.save()
+    except BaseException as exc:  # noqa: BLE001 - every crash becomes a readable `failed` event
+        error, hint = _explain(exc, config)
+        log.error("%s %s", error, hint)
+        recipe.events.write(
+            "failed", error=error, hint=hint, traceback_tail="".join(traceback.format_exc()[-4000:])
+        )
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

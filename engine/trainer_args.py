@@ -1,0 +1,61 @@
+"""TrainConfig → transformers.TrainingArguments: the one place our flags meet the HF Trainer's."""
+
+import math
+
+import torch
+from transformers import TrainingArguments
+
+from engine.config import TrainConfig
+
+
+def _max_steps(config: TrainConfig, datasets) -> int:
+    """A streaming dataset has no length, so the Trainer needs max_steps; we know the count."""
+    if config.max_steps > 0 or not config.streaming:
+        return config.max_steps
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
+    return max(1, math.ceil(datasets.num_train_examples * config.num_train_epochs / per_step))
+
+
+def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
+    has_eval = datasets.eval is not None
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        seed=config.seed,
+        data_seed=config.seed,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=_max_steps(config, datasets),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        auto_find_batch_size=config.auto_find_batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of total steps
+        weight_decay=config.weight_decay,
+        optim=config.optim,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        torch_compile=config.torch_compile,
+        deepspeed=config.deepspeed,
+        # LoRA leaves most parameters frozen; DDP must not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
+        logging_strategy=config.logging_strategy.value,
+        logging_steps=config.logging_steps,
+        save_strategy=config.save_strategy.value,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit or None,
+        eval_strategy=config.eval_strategy.value if has_eval else "no",
+        eval_steps=config.eval_steps,
+        report_to=[] if config.report_to.value == "none" else [config.report_to.value],
+        run_name=config.mlfoundry_run_name,
+        # Counts trained tokens (not padding) across ranks, for tokens/s in the events.
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        # Our collator pads; the Trainer must not drop the labels column it does not know.
+        label_names=["labels"],
+        disable_tqdm=True,  # progress goes to events.jsonl; a bar would flood stdout.log
+    )

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from engine.config import PeftType, TrainConfig
+from engine.model import add_adapter, load_model, pick_attention, resolve_target_modules
+
+ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("arch", ["tiny_mistral", "tiny_llama"])
+def test_auto_targets_every_linear_but_the_head(arch, request):
+    model = load_model(TrainConfig(model_id=str(request.getfixturevalue(arch))), "sdpa")
+    assert resolve_target_modules(model) == ALL_LINEAR
+
+
+def test_qlora_loads_4bit_nf4_and_targets_4bit_layers(tiny_mistral):
+    import bitsandbytes as bnb
+
+    config = TrainConfig(model_id=str(tiny_mistral), use_qlora=True, bf16=True)
+    model = load_model(config, "sdpa")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested  # double quant
+    assert resolve_target_modules(model) == ALL_LINEAR
+    peft_model = add_adapter(model, config, ALL_LINEAR)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_ia3_scales_feedforward_inputs(tiny_mistral):
+    config = TrainConfig(model_id=str(tiny_mistral), peft_type=PeftType.ia3)
+    model = add_adapter(load_model(config, "sdpa"), config, ALL_LINEAR)
+    assert model.peft_config["default"].feedforward_modules == {"down_proj"}
+    assert all("ia3_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_full_finetuning_trains_every_weight(tiny_mistral):
+    config = TrainConfig(model_id=str(tiny_mistral), peft_type=PeftType.none)
+    model = add_adapter(load_model(config, "sdpa"), config, ALL_LINEAR)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_flash_attention_on_cpu_falls_back_to_sdpa_with_a_reason():
+    impl, why = pick_attention(TrainConfig(use_flash_attention=True, bf16=True))
+    if not torch.cuda.is_available():
+        assert impl == "sdpa" and "GPU" in why
+    assert pick_attention(TrainConfig())[0] == "sdpa"
