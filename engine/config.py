@@ -179,7 +179,9 @@ def _parser_type(f: dataclasses.Field) -> Any:
     return parse_optional_str if f.default is None else str
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
+    """The CLI of TrainConfig. only_given: flags left out are absent from the result (for layering
+    the given flags over a preset's), rather than set to their defaults."""
     parser = argparse.ArgumentParser(
         prog="python -m engine.train",
         description="Finetune an LLM with LoRA, QLoRA, IA3 or full finetuning. Booleans take "
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             extra["choices"] = list(kind)
             extra["metavar"] = "{" + ",".join(m.value for m in kind) + "}"
-        default = None if f.metadata.get("required") else f.default
+        default = argparse.SUPPRESS if only_given else None if f.metadata.get("required") else f.default
         group.add_argument(
             *names,
             dest=f.name,
@@ -216,14 +218,25 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(namespace))
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """A flag's value from JSON/YAML/a form, checked and typed exactly as the CLI would."""
+    if name not in FIELDS:
+        raise ValueError(f"unknown flag {name!r}")
+    try:
+        return _parser_type(FIELDS[name])(format_value(value))
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"{name}: {value!r} is not valid ({e})") from None
+
+
 def from_dict(values: dict[str, Any]) -> TrainConfig:
-    """config.json back into a TrainConfig (unknown keys are an error, not silently dropped)."""
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(known))
+    """config.json (or a preset's flags plus a form's values) into a TrainConfig.
+
+    Unknown keys are an error, not silently dropped.
+    """
+    unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-    typed = {}
-    for name, value in values.items():
-        kind = known[name].type
-        typed[name] = kind(value) if isinstance(kind, type) and issubclass(kind, enum.Enum) else value
-    return TrainConfig(**typed)
+    return TrainConfig(**{name: coerce(name, value) for name, value in values.items()})

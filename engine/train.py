@@ -22,7 +22,9 @@ from engine.events import EventWriter
 log = logging.getLogger("engine.train")
 
 EXIT_PREFLIGHT = 2
-EXIT_CRASH = 1
+# What a rank sees when another rank dies mid-collective (gloo on CPU, NCCL on GPUs).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+             "NCCL communicator was aborted")
 
 
 def _rank() -> int:
@@ -84,6 +86,10 @@ class Recipe:
         from engine.trainer_args import training_arguments
 
         config = self.config
+        args = training_arguments(config, self.datasets)
+        if args.deepspeed:
+            self.resolved["deepspeed_config"] = args.deepspeed
+            log.info("deepspeed: %s", json.dumps(args.deepspeed.get("zero_optimization")))
         self.stop = StopOnSignal()
         callbacks = [
             EventsCallback(
@@ -104,7 +110,7 @@ class Recipe:
             callbacks.append(TrueFoundryCallback(config))
         return Trainer(
             model=self.model,
-            args=training_arguments(config, self.datasets),
+            args=args,
             train_dataset=self.datasets.train,
             eval_dataset=self.datasets.eval,
             # Pads input_ids with the pad token and labels with -100, to the longest in the batch.
@@ -115,6 +121,8 @@ class Recipe:
 
     def train(self) -> None:
         resume = self.config.resume_from_checkpoint
+        if resume:
+            _restore_cpu_index_locations()
         result = self.trainer.train(resume_from_checkpoint=True if resume == "true" else resume)
         self.train_metrics = result.metrics
 
@@ -148,10 +156,21 @@ class Recipe:
         )
 
 
+def _restore_cpu_index_locations() -> None:
+    """Lets torch.load restore to "cpu:0": on resume, HF maps the optimizer state to args.device,
+    which multi-process CPU training reports as "cpu:0", a location torch only knows as "cpu"
+    (transformers 5.17, torch 2.13)."""
+    import torch
+
+    torch.serialization.register_package(
+        5, lambda obj: None, lambda obj, location: obj if location.startswith("cpu:") else None
+    )
+
+
 def _configure_logging() -> None:
     logging.basicConfig(
         format=f"%(asctime)s [rank {_rank()}] %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if _rank() == 0 else logging.WARNING,
+        level=logging.INFO,
         stream=sys.stdout,
     )
 
@@ -161,6 +180,12 @@ def _explain(exc: BaseException, config: TrainConfig) -> tuple[str, str]:
 
     if memory.is_out_of_memory(exc):
         return "The GPU ran out of memory.", memory.out_of_memory_hint(config)
+    if any(sign in str(exc) for sign in PEER_GONE):
+        return (
+            "Another process of this run stopped unexpectedly, so this one could not go on.",
+            "The log names the process that failed first and why (out of memory and killed processes "
+            "are the usual causes).",
+        )
     if isinstance(exc, OSError) and "model_id" not in str(exc) and config.model_id in str(exc):
         return (
             f"Could not load the model {config.model_id}.",

@@ -1,6 +1,7 @@
 """TrainConfig → transformers.TrainingArguments: the one place our flags meet the HF Trainer's."""
 
 import math
+import os
 
 import torch
 from transformers import TrainingArguments
@@ -15,6 +16,18 @@ def _max_steps(config: TrainConfig, datasets) -> int:
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
     return max(1, math.ceil(datasets.num_train_examples * config.num_train_epochs / per_step))
+
+
+def _deepspeed(config: TrainConfig) -> dict | None:
+    if not config.deepspeed:
+        return None
+    from engine.zero import resolve_deepspeed_config
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    memory = None
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+    return resolve_deepspeed_config(config.deepspeed, config, world, memory)
 
 
 def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
@@ -37,10 +50,11 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         gradient_checkpointing=config.gradient_checkpointing,
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        use_cpu=not torch.cuda.is_available(),  # HF refuses bf16 on a CPU unless told it is one
         bf16=config.bf16,
         fp16=config.fp16,
         torch_compile=config.torch_compile,
-        deepspeed=config.deepspeed,
+        deepspeed=_deepspeed(config),
         # LoRA leaves most parameters frozen; DDP must not search the graph for unused ones.
         ddp_find_unused_parameters=False,
         logging_strategy=config.logging_strategy.value,

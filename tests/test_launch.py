@@ -1,0 +1,211 @@
+"""Presets and the launcher: commands, run folders, and real multi-process runs on CPU."""
+
+import json
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import launch
+from engine.events import read_events
+from engine.hardware import GPU, Hardware, parse_nvidia_smi
+from engine.launch import build_command, command_text, list_runs, resume_run, run_status, start_run, stop_run
+from engine.presets import PresetError, list_presets, load_preset, make_config, recommend_preset
+from engine.zero import ModelShape, zero_settings
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+MISTRAL_7B = ModelShape(hidden=4096, layers=32, intermediate=14336, vocab=32000, heads=32, kv_heads=8, tied=False)
+
+
+def test_every_preset_loads_and_builds_a_config():
+    presets = {p.name: p for p in list_presets()}
+    assert {"qlora-zero2", "ddp", "fp16-v100-t4", "cpu-tiny"} <= set(presets)
+    z2 = presets["qlora-zero2"]
+    assert z2.launcher == {"mixed_precision": "bf16", "use_deepspeed": True} and Path(z2.deepspeed).is_file()
+    config = make_config(z2, model_id="m", train_data="d.jsonl", lora_r=16)
+    assert (config.bf16, config.use_qlora, config.gradient_checkpointing, config.lora_alpha) == (True, True, True, 64)
+    assert config.lora_r == 16  # the user's value over the preset's
+    assert make_config(presets["fp16-v100-t4"], model_id="m", train_data="d").fp16 is True
+    assert make_config(presets["ddp"], model_id="m", train_data="d").use_ddp is True
+
+
+@pytest.mark.parametrize("text,where", [
+    ("name: bad\ntitle: t\ndescription: d\nhardware: h\nneeds_gpu: false\nlauncher: {}\ntrain: {}\ncolour: red\n",
+     "colour: unknown key"),
+    ("name: bad\ntitle: t\ndescription: d\nhardware: h\nneeds_gpu: false\nlauncher: {}\ntrain: {lora_r: four}\n",
+     "train.lora_r"),
+    ("name: bad\ntitle: t\ndescription: d\nhardware: h\nneeds_gpu: false\nlauncher: {mixed_precision: fp8}\n"
+     "train: {}\n", "launcher.mixed_precision"),
+    ("name: other\ntitle: t\ndescription: d\nhardware: h\nneeds_gpu: false\nlauncher: {}\ntrain: {}\n",
+     "name: 'other' must match"),
+    ("name: bad\ntitle: t\nhardware: h\nneeds_gpu: false\nlauncher: {}\ntrain: {}\n", "description: missing"),
+])
+def test_a_bad_preset_names_its_file_and_key(tmp_path, text, where):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(PresetError) as error:
+        load_preset("bad", tmp_path)
+    assert str(tmp_path / "bad.yaml") in str(error.value) and where in str(error.value)
+
+
+def test_recommendation_follows_the_hardware():
+    assert recommend_preset(Hardware())[0].name == "cpu-tiny"
+    t4 = parse_nvidia_smi("0, Tesla T4, 15360, 0, 7.5\n")
+    preset, why = recommend_preset(Hardware(gpus=t4))
+    assert preset.name == "fp16-v100-t4" and "7.5" in why and "bfloat16" in why
+    h100 = [GPU(i, "NVIDIA H100 80GB HBM3", 79.6, 0.5, (9, 0)) for i in range(2)]
+    preset, why = recommend_preset(Hardware(gpus=h100))
+    assert preset.name == "qlora-zero2" and "2 x NVIDIA H100" in why
+
+
+def test_command_is_an_argv_with_one_process_per_gpu_and_copyable_text():
+    config = make_config(load_preset("qlora-zero2"), model_id="m", train_data="my data; rm -rf ~.jsonl")
+    argv, env = build_command(load_preset("qlora-zero2"), config, gpus=[2, 3], port=29555)
+    assert env == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    launcher = argv[: argv.index("engine.train")]
+    assert launcher[argv.index("--num_processes") + 1] == "2" and "--use_deepspeed" in launcher
+    assert "--main_process_port" in launcher and "29555" in launcher
+    assert "my data; rm -rf ~.jsonl" in argv  # user text is one argv item, never shell syntax
+    text = command_text(argv, env)
+    assert text.startswith("CUDA_VISIBLE_DEVICES=2,3 accelerate launch ")
+    assert shlex.split(text)[3:] == argv[3:]
+    ddp_argv, _ = build_command(load_preset("ddp"), config, gpus=[0, 1])
+    assert "--multi_gpu" in ddp_argv and "--use_deepspeed" not in ddp_argv
+    tiny_argv, tiny_env = build_command(load_preset("cpu-tiny"), config, gpus=[])
+    assert "--cpu" in tiny_argv and tiny_env == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_zero_settings_follow_the_documented_rule():
+    lora = make_config(load_preset("qlora-zero2"), model_id="m", train_data="d")
+    trainable = MISTRAL_7B.trainable(lora)
+    assert 80e6 < trainable < 90e6  # r=32 on all 7 projections of Mistral-7B: 83.9M
+    assert 7.0e9 < MISTRAL_7B.parameters() < 7.5e9
+    small = zero_settings(trainable, MISTRAL_7B.parameters(), 2, 80.0)
+    assert small["reduce_bucket_size"] == trainable // 4 and small["overlap_comm"] is True
+    assert small["offload_optimizer"] == {"device": "none"}
+    full = zero_settings(MISTRAL_7B.parameters(), MISTRAL_7B.parameters(), 2, 24.0)
+    assert full["reduce_bucket_size"] == 500_000_000 and full["overlap_comm"] is False
+    assert full["offload_optimizer"]["device"] == "cpu"  # 7.2B x (2 + 14/2) bytes >> 80% of 24 GB
+    assert zero_settings(None, None, 1, None)["reduce_bucket_size"] == 500_000_000
+
+
+# ---------------------------------------------------------------- real runs (CPU, 2 processes)
+
+
+def wait_for(predicate, timeout=300, every=0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def events_of(info):
+    return read_events(info.run_dir / "events.jsonl")[0]
+
+
+def finish(info, runs_dir, timeout=600):
+    return wait_for(lambda: (s := run_status(info.run_id, runs_dir)).status not in ("queued", "running",
+                                                                                   "stopping") and s, timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset_name", ["ddp", "qlora-zero2"])
+def test_two_process_run_through_start_run_leaves_an_adapter(preset_name, tiny_mistral, tmp_path):
+    preset = load_preset(preset_name)
+    config = make_config(preset, model_id=str(tiny_mistral), train_data=str(EXAMPLES / "capitals-chat.jsonl"),
+                         max_steps=4, save_steps=2, eval_steps=2)
+    info = start_run(preset, config, gpus=[], runs_dir=tmp_path, num_processes=2)
+    assert info.status == "running" and (info.run_dir / "command.txt").read_text().startswith("CUDA_VISIBLE")
+    info = finish(info, tmp_path)
+    assert info.status == "succeeded", (info.run_dir / "stdout.log").read_text()[-3000:]
+    events = events_of(info)
+    # Events come from rank 0 only: one started, one log per step; both ranks wrote to stdout.log.
+    assert [e["event"] for e in events].count("started") == 1
+    assert [e["step"] for e in events if e["event"] == "log"] == [1, 2, 3, 4]
+    started = events[0]
+    assert started["world_size"] == 2
+    log = (info.run_dir / "stdout.log").read_text()
+    assert "[rank 0]" in log and "[rank 1]" in log
+    if preset_name == "qlora-zero2":
+        zero = started["config"]["deepspeed_config"]["zero_optimization"]
+        assert zero["stage"] == 2 and zero["reduce_bucket_size"] == 5_000_000 and zero["overlap_comm"] is True
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_mistral), info.run_dir / "output")
+    assert not launch.run_processes(info)
+
+
+@pytest.mark.slow
+def test_stop_leaves_no_process_and_resume_continues(tiny_mistral, tmp_path):
+    preset = load_preset("ddp")
+    config = make_config(preset, model_id=str(tiny_mistral), train_data=str(EXAMPLES / "capitals-chat.jsonl"),
+                         max_steps=400, save_steps=1000, eval_strategy="no", lr_scheduler_type="constant")
+    info = start_run(preset, config, gpus=[], runs_dir=tmp_path, num_processes=2)
+    wait_for(lambda: any(e["event"] == "log" and e["step"] >= 3 for e in events_of(info)))
+    assert len(launch.run_processes(info)) >= 3  # the launcher and two ranks
+    info = stop_run(info.run_id, tmp_path, wait=True)
+    assert info.status == "stopped"
+    assert not launch.run_processes(info)
+    stopped = [e for e in events_of(info) if e["event"] == "stopped"][0]
+    assert Path(stopped["checkpoint"]).is_dir()  # saved at the step boundary after SIGTERM
+    stopped_step = stopped["step"]
+
+    info = resume_run(info.run_id, tmp_path)
+    assert "--resume_from_checkpoint true" in (info.run_dir / "command.txt").read_text()
+    wait_for(lambda: [e for e in events_of(info) if e["event"] == "started"][1:])
+    restarted = [e for e in events_of(info) if e["event"] == "started"][1]
+    assert restarted["start_step"] == stopped_step
+    info = stop_run(info.run_id, tmp_path, wait=True)
+    assert info.status == "stopped" and not launch.run_processes(info)
+    assert [r.run_id for r in list_runs(tmp_path)] == [info.run_id]
+
+
+@pytest.mark.slow
+def test_a_crashed_rank_fails_the_run_and_takes_the_other_rank_down(tiny_mistral, tmp_path):
+    preset = load_preset("ddp")
+    config = make_config(preset, model_id=str(tiny_mistral), train_data=str(EXAMPLES / "capitals-chat.jsonl"),
+                         max_steps=400, save_strategy="no", eval_strategy="no")
+    info = start_run(preset, config, gpus=[], runs_dir=tmp_path, num_processes=2)
+    wait_for(lambda: any(e["event"] == "log" for e in events_of(info)))
+    rank1 = wait_for(lambda: [p for p in launch.run_processes(info) if p.environ().get("RANK") == "1"])[0]
+    rank1.send_signal(signal.SIGKILL)
+    info = finish(info, tmp_path, timeout=120)
+    assert info.status == "failed"
+    # Rank 0 may report the lost peer itself, or die before it can: either way the reason says who failed.
+    assert "The first process to fail was rank 1, exit code -9" in info.reason and "SIGKILL" in info.reason
+    assert not launch.run_processes(info)
+
+
+@pytest.mark.slow
+def test_busy_gpus_queue_a_run_and_command_txt_reruns_it(tiny_mistral, tmp_path, monkeypatch):
+    import subprocess
+
+    preset = load_preset("cpu-tiny")
+    config = make_config(preset, model_id=str(tiny_mistral), train_data=str(EXAMPLES / "capitals-chat.jsonl"),
+                         max_steps=3, eval_strategy="no", save_strategy="no")
+    # Pretend GPU 0 exists; a CPU preset with gpus=[0] still runs on the CPU (CUDA_VISIBLE_DEVICES=0 here
+    # has no GPU behind it), which is enough to exercise the queue.
+    first = start_run(preset, config, gpus=[0], runs_dir=tmp_path)
+    second = start_run(preset, config, gpus=[0], runs_dir=tmp_path)
+    assert (first.status, second.status) == ("running", "queued")
+    first = finish(first, tmp_path)
+    second = wait_for(lambda: (s := run_status(second.run_id, tmp_path)).status != "queued" and s)
+    assert first.status == "succeeded" and second.started_at >= first.ended_at
+    second = finish(second, tmp_path)
+    assert second.status == "succeeded" and second.port != first.port or second.port is None
+
+    # command.txt, run by hand from the repo root, trains the same way.
+    command = (first.run_dir / "command.txt").read_text()
+    rerun = subprocess.run(command.replace(str(first.run_dir), str(tmp_path / "by-hand")), shell=True,
+                           cwd=launch.REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    by_hand = read_events(tmp_path / "by-hand" / "events.jsonl")[0]
+    ui = events_of(first)
+    assert [e["loss"] for e in by_hand if e["event"] == "log"] == pytest.approx(
+        [e["loss"] for e in ui if e["event"] == "log"], rel=1e-5)
+    assert json.loads((first.run_dir / "config.json").read_text())["preset"] == "cpu-tiny"
