@@ -401,8 +401,9 @@ def stop_run(run_id: str, runs_dir: str | Path = "runs", wait: bool = False, gra
 # ---------------------------------------------------------------- the CLI
 
 
-def follow(info: RunInfo, runs_dir: Path, out=sys.stdout) -> RunInfo:
+def follow(info: RunInfo, runs_dir: Path, out=None) -> RunInfo:
     """Prints a progress line per event until the run ends; returns its final state."""
+    out = out or sys.stdout
     offset = 0
     while True:
         events, offset = read_events(info.run_dir / "events.jsonl", offset)

@@ -209,3 +209,20 @@ def test_busy_gpus_queue_a_run_and_command_txt_reruns_it(tiny_mistral, tmp_path,
     assert [e["loss"] for e in by_hand if e["event"] == "log"] == pytest.approx(
         [e["loss"] for e in ui if e["event"] == "log"], rel=1e-5)
     assert json.loads((first.run_dir / "config.json").read_text())["preset"] == "cpu-tiny"
+
+
+@pytest.mark.slow
+def test_cli_starts_follows_and_lists_a_run(tiny_mistral, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are the caller's, not the repo's
+    (tmp_path / "data.jsonl").write_text((EXAMPLES / "capitals-completion.jsonl").read_text())
+    code = launch.main(["--preset", "cpu-tiny", "--model_id", str(tiny_mistral), "--train_data", "data.jsonl",
+                        "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no", "--runs_dir", "runs"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "started: 1 process(es), 3 steps" in out and "[########################] 3/3 loss" in out
+    assert "finished: adapter in" in out and "succeeded" in out
+    run = list_runs(tmp_path / "runs")[0]
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["train_data"] == str(tmp_path / "data.jsonl") and config["lora_r"] == 8  # the preset's
+    assert launch.main(["list", "--runs_dir", "runs"]) == 0
+    assert run.run_id in capsys.readouterr().out
