@@ -32,6 +32,12 @@ def apply_memory_limit(device_index: int) -> float | None:
     return fraction
 
 
+def release_cached() -> None:
+    """Hands cached but unused GPU memory back, so nvidia-smi (and other processes) see the truth."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def peak_memory_gib() -> float | None:
     if not torch.cuda.is_available():
         return None

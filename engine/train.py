@@ -42,9 +42,11 @@ class Recipe:
     def setup(self) -> None:
         # Imports that pull in torch and transformers wait until the pre-flight has passed, so a
         # typo in a flag is reported in a second, not after a multi-second import.
+        import torch
         from transformers import set_seed
 
         from engine import data, memory, model
+        from engine.trainer_args import deepspeed_keeps_adapter_fp32
 
         config = self.config
         set_seed(config.seed)  # the adapter's initial weights come from the global RNG
@@ -71,6 +73,11 @@ class Recipe:
         if config.peft_type != PeftType.none:
             log.info("adapter %s on %s", config.peft_type.value, ", ".join(self.targets))
         self.model = model.add_adapter(self.model, config, self.targets)
+        memory.release_cached()  # loading and quantizing leave GBs cached that training may not reuse
+        if config.bf16 and deepspeed_keeps_adapter_fp32(config):
+            # DDP's numerics under DeepSpeed (trainer_args says why DeepSpeed itself stays fp32).
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model.forward = torch.autocast(device, dtype=torch.bfloat16)(self.model.forward)
         self.resolved = {
             **config.to_dict(),
             "lora_target_modules": self.targets,

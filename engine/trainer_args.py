@@ -6,7 +6,7 @@ import os
 import torch
 from transformers import TrainingArguments
 
-from engine.config import TrainConfig
+from engine.config import PeftType, TrainConfig
 
 
 def _max_steps(config: TrainConfig, datasets) -> int:
@@ -30,6 +30,16 @@ def _deepspeed(config: TrainConfig) -> dict | None:
     return resolve_deepspeed_config(config.deepspeed, config, world, memory)
 
 
+def deepspeed_keeps_adapter_fp32(config: TrainConfig) -> bool:
+    """DeepSpeed's bf16/fp16 mode casts every trainable weight to 16 bits. A LoRA's updates (lr x ~1
+    on weights of ~0.05) then round away in the 16-bit copy and ZeRO-2 learns slower than DDP,
+    whose autocast keeps adapters in fp32: the seed recipe's "loss diverges compared to DDP".
+    So with an adapter, DeepSpeed runs in fp32 mode instead of bf16 and the recipe wraps the forward
+    in bf16 autocast, as accelerate does for DDP: bf16 matmuls, fp32 adapter weights and optimizer.
+    fp16 keeps DeepSpeed's fp16 mode: its loss scaling is what keeps fp16 gradients from underflowing."""
+    return bool(config.deepspeed) and config.peft_type != PeftType.none
+
+
 def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
     has_eval = datasets.eval is not None
     return TrainingArguments(
@@ -51,7 +61,7 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         use_cpu=not torch.cuda.is_available(),  # HF refuses bf16 on a CPU unless told it is one
-        bf16=config.bf16,
+        bf16=config.bf16 and not deepspeed_keeps_adapter_fp32(config),
         fp16=config.fp16,
         torch_compile=config.torch_compile,
         deepspeed=_deepspeed(config),
