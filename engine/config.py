@@ -64,7 +64,7 @@ class TrainConfig:
     # --- optimisation ---
     num_train_epochs: float = _flag(1.0, "Passes over the training data.")
     max_steps: int = _flag(-1, "Stop after this many optimizer steps; -1 uses num_train_epochs.")
-    per_device_train_batch_size: int = _flag(1, "Examples per GPU per micro-batch.")
+    per_device_train_batch_size: int = _flag(1, "Examples per GPU per micro-batch; with packing, a micro-batch holds up to this x max_length tokens of whole examples (see pack_tokens).")
     per_device_eval_batch_size: int = _flag(1, "Examples per GPU per eval batch.")
     gradient_accumulation_steps: int = _flag(4, "Micro-batches per optimizer step (effective batch = this x batch size x GPUs).")
     auto_find_batch_size: bool = _flag(False, "On out-of-memory, halve the batch size and retry (not with DeepSpeed).")
@@ -74,6 +74,9 @@ class TrainConfig:
     weight_decay: float = _flag(0.0, "AdamW weight decay.")
     optim: str = _flag("adamw_torch", "Optimizer name as in transformers (adamw_torch, paged_adamw_8bit, adamw_bnb_8bit, ...).")
     gradient_checkpointing: bool = _flag(True, "Recompute activations in the backward pass: much less memory, about 30% slower.")
+    packing: bool = _flag(False, "Pack whole examples into micro-batches of up to pack_tokens tokens, with no padding and no attention between examples: 5x faster on short examples, but an epoch then has fewer, larger optimizer steps (raise learning_rate or epochs); false pads each micro-batch to its longest example, as the seed recipe does.")
+    pack_tokens: int = _flag(0, "Token budget of one packed micro-batch; 0 uses per_device_train_batch_size x max_length, the most a padded micro-batch could hold.")
+    use_liger_kernel: bool = _flag(False, "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and linear + cross-entropy that never holds the full logits); CUDA only, ignored elsewhere.", "hardware")
     bf16: bool = _flag(False, "bfloat16 mixed precision (Ampere or newer GPUs, and CPUs).", "hardware")
     fp16: bool = _flag(False, "float16 mixed precision (V100, T4 and other GPUs without bf16).", "hardware")
     torch_compile: bool = _flag(False, "Compile the model with torch.compile.", "hardware")

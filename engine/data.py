@@ -406,6 +406,7 @@ class DataReport:
     max_length: int
     problems: list[Problem]
     more_problems: int
+    token_lengths: np.ndarray | None = None  # each measured example's length, for a histogram
 
 
 def data_report(
@@ -439,6 +440,7 @@ def data_report(
     report.token_length_p50, report.token_length_p95 = int(p50), int(p95)
     report.token_length_max = int(values.max())
     report.num_truncated = int((values > max_length).sum())
+    report.token_lengths = values
     return report
 
 
@@ -452,6 +454,7 @@ class Datasets:
     # tokenizing pass over the file before training, the pass that counts its examples.
     train_tokens: int
     num_truncated: int  # over train and eval
+    num_train_rows: int  # rows the Trainer iterates: packed micro-batches with config.packing, else examples
 
 
 _FEATURES = datasets.Features({
@@ -503,16 +506,28 @@ def build_datasets(config, tokenizer) -> Datasets:
     if config.streaming:
         train = datasets.IterableDataset.from_generator(
             _rows, features=_FEATURES, gen_kwargs={**train_file, "skip": eval_indices, **settings}
-        ).shuffle(seed=config.seed, buffer_size=SHUFFLE_BUFFER)
+        )
     else:
         train = full.select(np.flatnonzero(in_train), keep_in_memory=True) if eval_indices else full
+    train = train.remove_columns("truncated")
+    num_train_rows = int(in_train.sum())
+    if config.packing:
+        from engine import packing
+
+        budget = packing.token_budget(config)
+        train = packing.pack_dataset(train, budget)
+        # A stream has no length; packing its lengths in the same windows counts its rows.
+        num_train_rows = packing.count_packs(lengths[in_train], budget) if config.streaming else len(train)
+    if config.streaming:  # packed first, so the windows are the file's order and the count holds
+        train = train.shuffle(seed=config.seed, buffer_size=SHUFFLE_BUFFER)
     return Datasets(
-        train=train.remove_columns("truncated"),
+        train=train,
         eval=eval_set.remove_columns("truncated") if eval_set is not None else None,
         num_train_examples=int(in_train.sum()),
         num_eval_examples=len(eval_set) if eval_set is not None else 0,
         train_tokens=int(lengths[in_train].sum()),
         num_truncated=num_truncated,
+        num_train_rows=num_train_rows,
     )
 
 

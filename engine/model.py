@@ -22,17 +22,22 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
 
 
 def pick_attention(config: TrainConfig) -> tuple[str, str]:
-    """The attention backend to use and why, best first: flash-attn 2, flash-attn 4, SDPA."""
-    if not config.use_flash_attention:
-        return "sdpa", "use_flash_attention is false"
+    """The attention backend to use and why, best first: flash-attn 2, flash-attn 4, PyTorch's
+    varlen flash kernel (packed micro-batches), SDPA."""
+    from engine.attention import VARLEN, varlen_available  # registers the varlen backend
+
     if not torch.cuda.is_available():
         return "sdpa", "flash attention needs a CUDA GPU; this machine has none"
     if not (config.bf16 or config.fp16):
         return "sdpa", "flash attention needs bf16 or fp16; neither is on"
-    if import_utils.is_flash_attn_2_available():
+    if config.use_flash_attention and import_utils.is_flash_attn_2_available():
         return "flash_attention_2", "flash-attn 2 is installed"
-    if import_utils.is_flash_attn_4_available():
+    if config.use_flash_attention and import_utils.is_flash_attn_4_available():
         return "flash_attention_4", "flash-attn 4 is installed (flash-attn 2 is not)"
+    if config.packing and varlen_available():
+        return VARLEN, "packed micro-batches: PyTorch's varlen flash kernel, no FLOPs between examples"
+    if not config.use_flash_attention:
+        return "sdpa", "use_flash_attention and packing are false"
     return "sdpa", "neither flash-attn 2 nor 4 is installed; PyTorch SDPA picks its own flash kernel"
 
 

@@ -65,6 +65,11 @@ class Recipe:
             self.datasets.num_train_examples, self.datasets.num_eval_examples,
             self.datasets.train_tokens, self.datasets.num_truncated, config.max_length,
         )
+        if config.packing:
+            from engine.packing import token_budget
+
+            log.info("packing: %d train rows of up to %d tokens, one per micro-batch",
+                     self.datasets.num_train_rows, token_budget(config))
 
         attention, why = model.pick_attention(config)
         log.info("attention: %s (%s)", attention, why)
@@ -90,6 +95,7 @@ class Recipe:
         from transformers import DataCollatorForSeq2Seq, Trainer
 
         from engine.callbacks import EventsCallback, StopOnSignal
+        from engine.packing import PackedCollator
         from engine.trainer_args import training_arguments
 
         config = self.config
@@ -120,8 +126,10 @@ class Recipe:
             args=args,
             train_dataset=self.datasets.train,
             eval_dataset=self.datasets.eval,
-            # Pads input_ids with the pad token and labels with -100, to the longest in the batch.
-            data_collator=DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),
+            # Packed: one row of whole examples, no padding. Else pads input_ids with the pad token
+            # and labels with -100, to the longest in the batch.
+            data_collator=PackedCollator() if config.packing
+            else DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),
             processing_class=self.tokenizer,
             callbacks=callbacks,
         )

@@ -9,13 +9,18 @@ from transformers import TrainingArguments
 from engine.config import PeftType, TrainConfig
 
 
+def _train_batch_size(config: TrainConfig) -> int:
+    """Rows per micro-batch: one packed row (its token budget is set by the batch size) or examples."""
+    return 1 if config.packing else config.per_device_train_batch_size
+
+
 def _max_steps(config: TrainConfig, datasets) -> int:
     """A streaming dataset has no length, so the Trainer needs max_steps; we know the count."""
     if config.max_steps > 0 or not config.streaming:
         return config.max_steps
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
-    return max(1, math.ceil(datasets.num_train_examples * config.num_train_epochs / per_step))
+    per_step = _train_batch_size(config) * config.gradient_accumulation_steps * world
+    return max(1, math.ceil(datasets.num_train_rows * config.num_train_epochs / per_step))
 
 
 def _deepspeed(config: TrainConfig) -> dict | None:
@@ -48,7 +53,7 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         data_seed=config.seed,
         num_train_epochs=config.num_train_epochs,
         max_steps=_max_steps(config, datasets),
-        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_train_batch_size=_train_batch_size(config),
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         auto_find_batch_size=config.auto_find_batch_size,
@@ -63,6 +68,8 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available(),  # HF refuses bf16 on a CPU unless told it is one
         bf16=config.bf16 and not deepspeed_keeps_adapter_fp32(config),
         fp16=config.fp16,
+        # Liger's kernels are Triton: CUDA only; elsewhere the model's own modules run.
+        use_liger_kernel=config.use_liger_kernel and torch.cuda.is_available(),
         torch_compile=config.torch_compile,
         deepspeed=_deepspeed(config),
         # LoRA leaves most parameters frozen; DDP must not search the graph for unused ones.

@@ -357,7 +357,7 @@ def test_data_report_names_the_line_a_chat_template_fails_on(tok, tmp_path):
 def _config(train, **overrides):
     defaults = dict(
         train_data=str(train), eval_data=None, eval_size=0.0, max_num_samples=0, max_length=512,
-        train_on_prompt=False, seed=0, streaming=False, chat_template=None,
+        train_on_prompt=False, seed=0, streaming=False, chat_template=None, packing=False,
     )  # fmt: skip
     return SimpleNamespace(**(defaults | overrides))
 

@@ -45,7 +45,7 @@ tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
 before = peak_mb()
 config = SimpleNamespace(
     train_data=sys.argv[1], eval_data=None, eval_size=10, max_num_samples=0, max_length=256,
-    train_on_prompt=False, seed=0, streaming=True, chat_template=None,
+    train_on_prompt=False, seed=0, streaming=True, chat_template=None, packing=False,
 )
 result = build_datasets(config, tokenizer)
 seen = sum(1 for _ in result.train)

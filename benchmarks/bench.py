@@ -1,0 +1,317 @@
+"""One GPU, one command: the seed recipe against our engine's default and each of its levers.
+
+    python -m benchmarks.bench prepare              # here (CPU): tokenizer and data into .bench/
+    python -m benchmarks.bench run [VARIANT ...]    # on the GPU, with .bench/ carried along
+
+`run` builds a Mistral-7B-shaped model with random bf16 weights on the GPU (no hub), then runs each
+variant in a fresh process and prints one JSON line per variant; RESULTS.md keeps the table.
+
+Method, the same for every variant:
+- data: log-normal lengths (median 350, sigma 0.885, clipped to [16, 2048], fixed seed) or fixed
+  2,048-token examples, cut from seeded English-like text tokenized with Mistral's tokenizer; every
+  token is trained (train_on_prompt), so trained tokens = non-padding input tokens;
+- one epoch over the same examples (order shuffled by the same seed), learning rate 1e-5, cosine
+  schedule with 3% warm-up, bf16, QLoRA nf4 + double quantization, r=32, alpha=64 on all 7 linear
+  projections, gradient checkpointing;
+- speed: the Trainer logs every optimizer step (the loss read syncs the GPU); tokens/s is
+  trained tokens over wall time from the end of step WARMUP_STEPS to the last step;
+- MFU = tokens/s x (4 x N_frozen + 6 x N_lora) / PEAK_FLOPS, N_frozen the base's matmul
+  parameters (all but the input embedding): forward 2N + input gradients 2N for a frozen base,
+  forward + input + weight gradients 6N for the adapters; recomputation and attention not counted;
+- loss: eval loss on the same held-out examples after the epoch.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(".bench")  # prepared inputs, carried to the GPU
+# Built on the GPU machine, outside the repo copy (which a carried .bench/ replaces each call).
+# BENCH_MODEL points elsewhere, e.g. at a tiny model to try the plumbing on a CPU.
+MODEL = Path(os.environ.get("BENCH_MODEL", "/tmp/mistral-7b-random"))
+SETS = {  # name: (train examples, eval examples); about 96k and 82k train tokens
+    "realistic": (192, 8),
+    "fixed2048": (40, 4),
+}
+WARMUP_STEPS = 2
+PEAK_FLOPS = 989e12  # dense bf16, H100 / H200 SXM datasheet
+SEED = 0
+
+# Shared by every variant: the seed README's recipe at bench scale.
+COMMON = {
+    "use_qlora": "true", "bf16": "true", "lora_r": 32, "lora_alpha": 64, "learning_rate": 1e-5,
+    "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "gradient_checkpointing": "true",
+    "num_train_epochs": 1, "train_on_prompt": "true", "save_strategy": "no", "eval_strategy": "epoch",
+    "logging_steps": 1, "eval_size": 0, "report_to": "none", "seed": SEED,
+}
+# name: (data set, engine flags beyond COMMON; None runs the plain seed recipe instead)
+PACKED = {"packing": "true"}  # an opt-in lever: an epoch then has fewer, larger optimizer steps
+VARIANTS = {
+    "seed-realistic": ("realistic", None),
+    "engine-default-realistic": ("realistic", {}),
+    "engine-realistic": ("realistic", PACKED),
+    "engine-liger-realistic": ("realistic", {**PACKED, "use_liger_kernel": "true"}),
+    # The same 8,192 tokens an optimizer step as 2,048 x 4, in one micro-batch.
+    "engine-pack8k-realistic": ("realistic", {**PACKED, "pack_tokens": 8192, "gradient_accumulation_steps": 1}),
+    "engine-pack8k-liger-realistic": ("realistic", {**PACKED, "pack_tokens": 8192, "gradient_accumulation_steps": 1,
+                                                    "use_liger_kernel": "true"}),
+    "engine-nodropout-realistic": ("realistic", {**PACKED, "lora_dropout": 0}),
+    "engine-pack4k-liger-realistic": ("realistic", {**PACKED, "pack_tokens": 4096, "gradient_accumulation_steps": 2,
+                                                    "use_liger_kernel": "true"}),
+    "engine-pack8k-liger-nodropout-realistic": ("realistic", {**PACKED, "pack_tokens": 8192,
+                                                              "gradient_accumulation_steps": 1,
+                                                              "use_liger_kernel": "true", "lora_dropout": 0}),
+    "seed-fixed2048": ("fixed2048", None),
+    "engine-nopacking-fixed2048": ("fixed2048", {}),
+    "engine-fixed2048": ("fixed2048", PACKED),
+    "engine-liger-fixed2048": ("fixed2048", {**PACKED, "use_liger_kernel": "true"}),
+}
+
+
+# ---- prepare (CPU): tokenizer and data ----
+
+def _words(rng: np.random.Generator, n: int) -> str:
+    """English-looking text: Zipf-distributed words from a fixed list, so tokens look like real text."""
+    vocab = ("the of and to in is was for that with as on by at from this be are or an it not which "
+             "model data training token memory attention layer gradient batch example learning rate "
+             "paris france capital river city history science language question answer because "
+             "however therefore during between through important different several system process").split()
+    ranks = (rng.zipf(1.3, n) - 1) % len(vocab)
+    return " ".join(vocab[r] for r in ranks)
+
+
+def _texts(sp, lengths: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """Texts that tokenize to about `lengths` tokens (cut at a token, decoded back)."""
+    texts = []
+    for n in lengths:
+        ids = sp.encode(_words(rng, int(n)))[: int(n)]
+        texts.append(sp.decode(ids))
+    return texts
+
+
+def prepare() -> None:
+    import sentencepiece
+
+    from engine.tiny_model import MISTRAL_SPM, write_mistral_tokenizer
+
+    BENCH.mkdir(exist_ok=True)
+    write_mistral_tokenizer(BENCH / "tokenizer")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(MISTRAL_SPM))
+    rng = np.random.default_rng(SEED)
+    for name, (n_train, n_eval) in SETS.items():
+        n = n_train + n_eval
+        if name == "realistic":
+            lengths = np.clip(np.round(rng.lognormal(math.log(350), 0.885, n)), 16, 2048)
+        else:
+            lengths = np.full(n, 2048)
+        lengths = lengths - 2  # bos and eos complete each example
+        for split, part in (("train", lengths[:n_train]), ("eval", lengths[n_train:])):
+            with open(BENCH / f"{name}-{split}.jsonl", "w") as f:
+                for text in _texts(sp, part, rng):
+                    f.write(json.dumps({"prompt": "", "completion": text}) + "\n")
+    print(f"wrote {BENCH}/: tokenizer and {', '.join(SETS)} train/eval sets")
+
+
+# ---- run (GPU) ----
+
+def build_model() -> None:
+    """Mistral-7B's shape, random bf16 weights, built on the GPU: seconds, no download."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    if (MODEL / "config.json").exists():
+        return
+    config = MistralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+        rope_theta=1e6, sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(SEED)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(MODEL)
+    for f in (BENCH / "tokenizer").iterdir():
+        shutil.copy(f, MODEL / f.name)
+
+
+def _flags(values: dict) -> list[str]:
+    return [str(x) for k, v in values.items() for x in (f"--{k}", v)]
+
+
+def run_engine(data: str, flags: dict, out: Path) -> None:
+    from engine import train
+
+    argv = ["--model_id", str(MODEL), "--train_data", str(BENCH / f"{data}-train.jsonl"),
+            "--eval_data", str(BENCH / f"{data}-eval.jsonl"), "--output_dir", str(out),
+            "--cleanup_output_dir_on_start", "true", *_flags({**COMMON, **flags})]
+    if train.main(argv) != 0:
+        raise SystemExit("engine run failed")
+
+
+def run_seed(data: str, out: Path) -> None:
+    """The seed recipe written plainly: HF Trainer + PEFT QLoRA, SDPA, padding to the longest."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from engine.callbacks import EventsCallback
+    from engine.events import EventWriter
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer.pad_token = tokenizer.unk_token
+
+    def tokenize(row):
+        ids = tokenizer(tokenizer.bos_token + row["prompt"] + row["completion"] + tokenizer.eos_token,
+                        add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids, "labels": list(ids)}
+
+    files = {s: str(BENCH / f"{data}-{s}.jsonl") for s in ("train", "eval")}
+    sets = load_dataset("json", data_files=files).map(tokenize, remove_columns=["prompt", "completion"])
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa",
+                                                 device_map={"": 0 if torch.cuda.is_available() else "cpu"})
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=32, lora_alpha=64, lora_dropout=0.05,
+                                             target_modules=targets))
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-5,
+        lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=1, bf16=True, seed=SEED,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1, save_strategy="no", eval_strategy="epoch", report_to=[],
+        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+    )
+    events = EventWriter(out / "events.jsonl", enabled=True)
+    trainer = Trainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["eval"],
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      processing_class=tokenizer, callbacks=[EventsCallback(events, {})])
+    trainer.train()
+
+
+def _matmul_params() -> tuple[int, int]:
+    """(frozen base parameters in matmuls, LoRA parameters) of the benchmark's model and adapter."""
+    config = json.loads((MODEL / "config.json").read_text())
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # q k v o gate up down
+    frozen = layers * sum(a * b for a, b in shapes) + h * config["vocab_size"]  # + the output head
+    lora = layers * sum(COMMON["lora_r"] * (a + b) for a, b in shapes)
+    return frozen, lora
+
+
+def measure(variant: str) -> dict:
+    """Runs one variant in this process; returns its result line."""
+    import torch
+
+    from engine.events import read_events
+
+    data, flags = VARIANTS[variant]
+    out = Path("/tmp/bench-runs") / variant
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if flags is None:
+        run_seed(data, out)
+    else:
+        run_engine(data, flags, out)
+    events, _ = read_events(out / "events.jsonl")
+    logs = [e for e in events if e["event"] == "log"]
+    first, last = logs[WARMUP_STEPS - 1], logs[-1]
+    tokens = last["tokens_seen"] - first["tokens_seen"]
+    seconds = last["time"] - first["time"]
+    steps = last["step"] - first["step"]
+    frozen, lora = _matmul_params()
+    rate = tokens / seconds
+    gpu = torch.cuda.is_available()
+    evals = [e for e in events if e["event"] == "eval"]
+    config = next((e["config"] for e in events if e["event"] == "started" and e.get("config")), {})
+    return {
+        "variant": variant, "data": data, "flags": flags, "attention": config.get("attention", "sdpa"),
+        "trained_tokens_per_s": round(rate), "step_time_s": round(seconds / steps, 3),
+        "tokens_per_step": round(tokens / steps), "timed_steps": steps, "total_steps": last["step"],
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if gpu else None,
+        "mfu": round(rate * (4 * frozen + 6 * lora) / PEAK_FLOPS, 4),
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_train_loss": last["loss"],
+    }
+
+
+def run(variants: list[str]) -> None:
+    import torch
+
+    build_model()
+    card = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    print(json.dumps({"card": card.name if card else "cpu",
+                      "memory_gib": round(card.total_memory / 2**30, 1) if card else None,
+                      "torch": torch.__version__, **_versions()}), flush=True)
+    results = Path(os.environ.get("OUT", "/tmp")) / "results.jsonl"
+    for variant in variants:
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "one", variant],
+                              capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            tail = (proc.stdout + proc.stderr)[-1500:]
+            result = {"variant": variant, "error": f"exit {proc.returncode}", "tail": tail}
+        else:
+            result = json.loads(line.removeprefix("RESULT "))
+        result["process_s"] = round(time.time() - start, 1)
+        with open(results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "liger-kernel", "triton"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="tokenizer and data into .bench/ (CPU)")
+    runner = sub.add_parser("run", help="every variant (or those named), each in a fresh process (GPU)")
+    runner.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)}; none runs them all")
+    one = sub.add_parser("one", help="one variant in this process (used by run)")
+    one.add_argument("variant", choices=list(VARIANTS))
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare()
+    elif args.command == "run":
+        unknown = set(args.variants) - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+        run(args.variants or list(VARIANTS))
+    else:
+        print("RESULT " + json.dumps(measure(args.variant)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
