@@ -19,4 +19,4 @@ RUN useradd --create-home studio && mkdir -p /app/runs && chown -R studio /app
 USER studio
 VOLUME ["/app/runs"]
 EXPOSE 7860
-CMD ["python", "app.py"]
+CMD ["python", "app.py", "--host", "0.0.0.0"]

@@ -1,43 +1,42 @@
-"""Finetune Studio entry point.
+"""Finetune Studio: `python app.py` starts the guided web app (http://127.0.0.1:7860 by default).
 
-Until the guided web UI lands, `python app.py` runs the whole engine once, offline: it builds a
-tiny Mistral-shaped model with random weights, trains a LoRA adapter on a bundled example
-dataset, and prints where the adapter and the events went.
+Runs live in the runs folder (one folder each, see ../shared/DESIGN.md): restart the app and it
+finds them again, running or finished. With no GPU, choose the tiny offline model and the CPU
+preset to try every step in a few minutes.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from engine import train
-from engine.events import read_events
-from engine.tiny_model import build_tiny_model
+from engine.hardware import detect_hardware
+from ui.app import build_app, launch_kwargs
+from ui.common import Context
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="demo", help="where the tiny model and the run go")
-    parser.add_argument("--train_data", default="examples/capitals-chat.jsonl")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to listen on; 0.0.0.0 for every interface (a server or a container)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--runs_dir", default=os.environ.get("FINETUNE_STUDIO_RUNS", "runs"),
+                        help="where every run's folder goes (and is found again after a restart)")
+    parser.add_argument("--cache_dir", default=os.environ.get(
+        "FINETUNE_STUDIO_CACHE", str(Path.home() / ".cache" / "finetune-studio")),
+                        help="the tiny offline model and files prepared for download")
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     args = parser.parse_args()
 
-    workdir = Path(args.workdir)
-    model_dir = workdir / "tiny-mistral"
-    if not (model_dir / "config.json").exists():
-        build_tiny_model(model_dir)
-    output_dir = workdir / "run" / "output"
-    code = train.main([
-        "--model_id", str(model_dir), "--train_data", args.train_data,
-        "--output_dir", str(output_dir), "--cleanup_output_dir_on_start", "true",
-        "--events_file", str(workdir / "run" / "events.jsonl"),
-        "--num_train_epochs", "3", "--learning_rate", "0.003", "--lora_r", "8", "--lora_alpha", "16",
-        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-    ])
-    events, _ = read_events(workdir / "run" / "events.jsonl")
-    losses = [e["loss"] for e in events if e["event"] == "log"]
-    if code == 0 and losses:
-        print(f"\nTrained {len(losses)} steps: loss {losses[0]:.2f} → {losses[-1]:.2f}.")
-        print(f"Adapter: {output_dir}  Events: {workdir / 'run' / 'events.jsonl'}")
-    return code
+    ctx = Context(runs_dir=Path(args.runs_dir).resolve(), cache_dir=Path(args.cache_dir).resolve(),
+                  hardware=detect_hardware())
+    ctx.runs_dir.mkdir(parents=True, exist_ok=True)
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=args.host, server_port=args.port, share=args.share,
+        allowed_paths=[str(ctx.cache_dir / "downloads")], **launch_kwargs(),
+    )
+    return 0
 
 
 if __name__ == "__main__":

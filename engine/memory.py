@@ -1,6 +1,8 @@
-"""GPU memory: the per-process cap (TORCH_PER_PROCESS_MEMORY_LIMIT) and out-of-memory explained."""
+"""GPU memory: the per-process cap (TORCH_PER_PROCESS_MEMORY_LIMIT), out-of-memory explained, and
+the estimate of what a configuration needs, shown before a run starts."""
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -64,3 +66,206 @@ def out_of_memory_hint(config) -> str:
     if os.environ.get(LIMIT_ENV):
         steps.append(f"raise or unset {LIMIT_ENV} (now {os.environ[LIMIT_ENV]})")
     return "Try: " + "; ".join(steps) + "."
+
+
+# ---- the estimate shown before a run starts ----
+#
+# Calibrated on the seed recipe (QLoRA nf4 + double quantization, LoRA r=32 on all 7 projections,
+# gradient checkpointing, SDPA, micro-batch 1) with a Mistral-7B-shaped model on one H200
+# (../shared/notes/GPU.md): 7.75 GiB peak allocated at 2,048 tokens, growing about 0.95 GiB per
+# 1,000 tokens (13.47 at 8,192; 21.28 at 16,384). Each term below is a count of bytes with the
+# reason beside it; the two constants that are not derivable (the recomputed layer's working set
+# and the workspace) are what make the formula meet those measurements.
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax
+TRAINABLE_BYTES = 16  # fp32 weight + fp32 gradient + two fp32 Adam moments
+WORKSPACE_GIB = 0.7  # dequantised weight buffers, cuBLAS workspace, allocator rounding (measured)
+CUDA_CONTEXT_GIB = 0.5  # held by every process, outside PyTorch's allocator
+FRAGMENTATION = 1.10  # reserved / allocated, as measured under load
+TIGHT_ABOVE = 0.85  # above this share of a GPU's memory a longer batch or a spike can fail
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer's config.json that decide its memory."""
+
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelShape":
+        """From a Llama/Mistral/Qwen-style config.json dict; KeyError names a missing field."""
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer in one decoder layer: what `auto` LoRA targets."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, self.intermediate_size), "up_proj": (h, self.intermediate_size),
+            "down_proj": (self.intermediate_size, h),
+        }  # fmt: skip
+
+    @property
+    def linear_params(self) -> int:
+        return self.num_layers * sum(i * o for i, o in self.projections().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+
+    @property
+    def num_params(self) -> int:
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return self.linear_params + self.embedding_params + norms
+
+    def trainable_params(self, peft: str, lora_r: int) -> int:
+        """What training updates, with `auto` targets (every projection): all of it for peft none;
+        IA3's scaling vectors (input size for the feed-forward down projection, else output size);
+        LoRA's r x (in + out) per projection."""
+        if peft == "none":
+            return self.num_params
+        if peft == "ia3":
+            return self.num_layers * sum(i if name == "down_proj" else o for name, (i, o) in self.projections().items())
+        return self.num_layers * sum(lora_r * (i + o) for i, o in self.projections().values())
+
+
+@dataclass
+class MemoryEstimate:
+    gib_per_gpu: float  # what the GPU must hold: peak allocated + CUDA context + fragmentation
+    peak_allocated_gib: float  # comparable to torch.cuda.max_memory_allocated()
+    parts: dict[str, float]  # GiB of each term of peak_allocated_gib
+    available_gib: float | None
+    verdict: str  # "fits", "tight", "will not fit", or "unknown" without a memory size
+    advice: list[str]  # what to change, most effective first (empty when it fits)
+
+    def summary(self) -> str:
+        """One line for a person: the number, against what, and the verdict."""
+        if self.available_gib is None:
+            return f"About {self.gib_per_gpu:.1f} GiB per GPU."
+        return (
+            f"About {self.gib_per_gpu:.1f} GiB of {self.available_gib:.0f} GiB per GPU: "
+            f"{self.verdict}."
+        )
+
+
+def _parts(
+    shape: ModelShape, *, qlora: bool, peft: str, lora_r: int, tokens: int,
+    gradient_checkpointing: bool, num_gpus: int, zero2: bool,
+) -> dict[str, float]:  # fmt: skip
+    gib = 2**30
+    if qlora:
+        weights = shape.linear_params * NF4_BITS / 8 + shape.embedding_params * 2  # embeddings stay 16-bit
+    else:
+        weights = shape.num_params * 2
+    trainable = shape.trainable_params(peft, lora_r)
+    # ZeRO-2 splits gradients and optimizer moments across GPUs (the fp32 weight stays whole);
+    # DDP keeps everything on every GPU, plus a bucket copy of the gradients for the all-reduce.
+    if zero2 and num_gpus > 1:
+        state = trainable * (4 + (TRAINABLE_BYTES - 4) / num_gpus)
+    else:
+        state = trainable * (TRAINABLE_BYTES + (4 if num_gpus > 1 else 0))
+    # Activations per token: with checkpointing, one hidden state per layer is kept and a single
+    # layer is recomputed at a time; without it every layer's working set stays alive. Logits
+    # (bf16, their fp32 upcast and its gradient) are the largest single buffer for big vocabularies.
+    layer_working_set = (10 * shape.hidden_size + 8 * shape.intermediate_size) * 2
+    if gradient_checkpointing:
+        per_token = shape.num_layers * shape.hidden_size * 2 + layer_working_set
+    else:
+        per_token = shape.num_layers * layer_working_set
+    per_token += shape.vocab_size * 14
+    return {
+        "model weights": weights / gib,
+        "trainable weights, gradients and optimizer": state / gib,
+        "activations": per_token * tokens / gib,
+        "workspace": WORKSPACE_GIB,
+    }
+
+
+def estimate_memory(
+    shape: ModelShape,
+    *,
+    qlora: bool,
+    peft: str = "lora",
+    lora_r: int = 32,
+    batch_size: int = 1,
+    max_length: int = 2048,
+    gradient_checkpointing: bool = True,
+    num_gpus: int = 1,
+    zero2: bool = False,
+    available_gib: float | None = None,
+) -> MemoryEstimate:
+    """Per-GPU memory for training `shape` with these settings, and a verdict against `available_gib`.
+
+    A worst case: every micro-batch is taken as `batch_size` examples of `max_length` tokens.
+    """
+    settings = dict(qlora=qlora, peft=peft, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
+                    num_gpus=num_gpus, zero2=zero2)
+
+    def needed_with(changes: dict) -> tuple[float, dict[str, float]]:
+        merged = {**settings, "batch_size": batch_size, "max_length": max_length, **changes}
+        tokens = merged.pop("batch_size") * merged.pop("max_length")
+        parts = _parts(shape, tokens=tokens, **merged)
+        return sum(parts.values()) * FRAGMENTATION + CUDA_CONTEXT_GIB, parts
+
+    total, parts = needed_with({})
+    estimate = MemoryEstimate(
+        gib_per_gpu=round(total, 2), peak_allocated_gib=round(sum(parts.values()), 2),
+        parts={k: round(v, 2) for k, v in parts.items()}, available_gib=available_gib,
+        verdict="unknown", advice=[],
+    )  # fmt: skip
+    if available_gib is None:
+        return estimate
+    if total <= TIGHT_ABOVE * available_gib:
+        estimate.verdict = "fits"
+        return estimate
+    estimate.verdict = "tight" if total <= available_gib else "will not fit"
+    # Levers, most effective first, applied one after another until the estimate fits the budget.
+    budget = TIGHT_ABOVE * available_gib
+    levers = [
+        (peft == "none", dict(peft="lora", qlora=True), "train a LoRA adapter (QLoRA) instead of the full model"),
+        (peft != "none" and not qlora, dict(qlora=True), "use 4-bit QLoRA (the qlora-zero2 or fp16 preset)"),
+        (not gradient_checkpointing, dict(gradient_checkpointing=True), "turn on gradient checkpointing"),
+        (batch_size > 1, dict(batch_size=1),
+         "lower the batch size to 1 (raise gradient accumulation to keep the effective batch)"),
+    ]
+    changes: dict = {}
+    for applies, change, words in levers:
+        if applies and needed_with(changes)[0] > budget:
+            changes.update(change)
+            estimate.advice.append(words)
+    if needed_with(changes)[0] > budget:
+        fitting = _longest_fitting_length(lambda n: needed_with({**changes, "max_length": n})[0], budget, max_length)
+        if fitting:
+            estimate.advice.append(f"lower max_length to {fitting} tokens")
+        else:
+            estimate.advice.append("pick a smaller model or a GPU with more memory")
+    return estimate
+
+
+def _longest_fitting_length(needed, budget: float, max_length: int) -> int | None:
+    """The largest multiple of 128 below max_length whose estimate is within budget (None: none)."""
+    # needed() is linear in the length, so solve for it instead of searching.
+    base, slope = needed(0), needed(1000) - needed(0)
+    if slope <= 0 or base >= budget:
+        return None
+    longest = int((budget - base) / slope * 1000) // 128 * 128
+    return longest if 128 <= longest < max_length else None

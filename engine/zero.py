@@ -7,46 +7,14 @@ clipping). The engine does it, not the launcher, so the seed-style CLI gets it t
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import PeftType, TrainConfig
+from engine.config import TrainConfig
+from engine.memory import ModelShape
 
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's own default bucket, in elements
 MIN_BUCKET = 5_000_000
 OVERLAP_SHARE = 0.05  # overlap_comm may take this share of GPU memory for its buffers
-
-
-@dataclass
-class ModelShape:
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    tied: bool
-
-    @property
-    def kv_dim(self) -> int:
-        return self.hidden * self.kv_heads // self.heads
-
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of each decoder layer's linear layers: q, k, v, o, gate, up, down."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
-
-    def parameters(self) -> int:
-        per_layer = sum(a * b for a, b in self.linear_shapes()) + 2 * self.hidden
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * per_layer + embeddings
-
-    def trainable(self, config: TrainConfig) -> int:
-        if config.peft_type == PeftType.none:
-            return self.parameters()
-        if config.peft_type == PeftType.ia3:
-            return self.layers * sum(b for _, b in self.linear_shapes())
-        return self.layers * sum(config.lora_r * (a + b) for a, b in self.linear_shapes())
 
 
 def model_shape(model_id: str) -> ModelShape | None:
@@ -54,16 +22,10 @@ def model_shape(model_id: str) -> ModelShape | None:
     try:
         from transformers import AutoConfig
 
-        c = AutoConfig.from_pretrained(model_id)
-    except (OSError, ValueError):
+        config = AutoConfig.from_pretrained(model_id)
+        return ModelShape.from_config(getattr(config, "text_config", config).to_dict())
+    except (OSError, ValueError, KeyError):
         return None
-    c = getattr(c, "text_config", c)
-    heads = c.num_attention_heads
-    return ModelShape(
-        hidden=c.hidden_size, layers=c.num_hidden_layers, intermediate=c.intermediate_size,
-        vocab=c.vocab_size, heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-        tied=bool(getattr(c, "tie_word_embeddings", False)),
-    )
 
 
 def zero_settings(trainable: int | None, total: int | None, num_gpus: int, gpu_memory_gib: float | None) -> dict:
@@ -96,8 +58,8 @@ def resolve_deepspeed_config(path: str, config: TrainConfig, num_gpus: int, gpu_
     """The JSON at path with our "auto" ZeRO values filled; HF's "auto" values are left for HF."""
     ds = json.loads(Path(path).read_text())
     shape = model_shape(config.model_id)
-    trainable = shape.trainable(config) if shape else None
-    total = shape.parameters() if shape else None
+    trainable = shape.trainable_params(config.peft_type.value, config.lora_r) if shape else None
+    total = shape.num_params if shape else None
     filled = zero_settings(trainable, total, max(num_gpus, 1), gpu_memory_gib)
     zero = ds.setdefault("zero_optimization", {})
     for key, value in filled.items():

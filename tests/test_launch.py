@@ -12,11 +12,13 @@ from engine import launch
 from engine.events import read_events
 from engine.hardware import GPU, Hardware, parse_nvidia_smi
 from engine.launch import build_command, command_text, list_runs, resume_run, run_status, start_run, stop_run
+from engine.memory import ModelShape
 from engine.presets import PresetError, list_presets, load_preset, make_config, recommend_preset
-from engine.zero import ModelShape, zero_settings
+from engine.zero import zero_settings
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-MISTRAL_7B = ModelShape(hidden=4096, layers=32, intermediate=14336, vocab=32000, heads=32, kv_heads=8, tied=False)
+MISTRAL_7B = ModelShape(hidden_size=4096, num_layers=32, intermediate_size=14336, vocab_size=32000, num_heads=32,
+                        num_kv_heads=8)
 
 
 def test_every_preset_loads_and_builds_a_config():
@@ -77,14 +79,13 @@ def test_command_is_an_argv_with_one_process_per_gpu_and_copyable_text():
 
 
 def test_zero_settings_follow_the_documented_rule():
-    lora = make_config(load_preset("qlora-zero2"), model_id="m", train_data="d")
-    trainable = MISTRAL_7B.trainable(lora)
+    trainable = MISTRAL_7B.trainable_params("lora", 32)
     assert 80e6 < trainable < 90e6  # r=32 on all 7 projections of Mistral-7B: 83.9M
-    assert 7.0e9 < MISTRAL_7B.parameters() < 7.5e9
-    small = zero_settings(trainable, MISTRAL_7B.parameters(), 2, 80.0)
+    assert 7.0e9 < MISTRAL_7B.num_params < 7.5e9
+    small = zero_settings(trainable, MISTRAL_7B.num_params, 2, 80.0)
     assert small["reduce_bucket_size"] == trainable // 4 and small["overlap_comm"] is True
     assert small["offload_optimizer"] == {"device": "none"}
-    full = zero_settings(MISTRAL_7B.parameters(), MISTRAL_7B.parameters(), 2, 24.0)
+    full = zero_settings(MISTRAL_7B.num_params, MISTRAL_7B.num_params, 2, 24.0)
     assert full["reduce_bucket_size"] == 500_000_000 and full["overlap_comm"] is False
     assert full["offload_optimizer"]["device"] == "cpu"  # 7.2B x (2 + 14/2) bytes >> 80% of 24 GB
     assert zero_settings(None, None, 1, None)["reduce_bucket_size"] == 500_000_000

@@ -1,0 +1,34 @@
+"""Starting the app in a test: a fresh runs folder, the tiny model cache shared by the session."""
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from engine.hardware import Hardware
+from ui.app import build_app, launch_kwargs
+from ui.common import Context
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots, gitignored
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(runs_dir: Path, cache_dir: Path) -> Iterator[str]:
+    """The app on a free port, as `python app.py` starts it, on a machine with no GPU."""
+    ctx = Context(runs_dir=runs_dir, cache_dir=cache_dir, hardware=Hardware(gpus=[], cpu_count=2, ram_gib=8.0))
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_port=free_port(), prevent_thread_lock=True, quiet=True,
+        allowed_paths=[str(cache_dir / "downloads")], **launch_kwargs(),
+    )  # fmt: skip
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
