@@ -1,0 +1,141 @@
+"""The presets on real GPUs, started through engine.launch.start_run exactly as the UI starts them.
+
+    python -m benchmarks.bench prepare                       # here (CPU): tokenizer and data into .bench/
+    python -m benchmarks.multi_gpu run z2-1 z2-2 ...         # on the GPU machine, .bench/ and .site/ carried
+
+Each case is one run of a preset on some GPUs, a few optimizer steps on the realistic-length data
+of benchmarks/bench.py, with a Mistral-7B-shaped model of random bf16 weights built on the GPU.
+It prints one JSON line per case: trained tokens/s (rank 0's events, after WARMUP_STEPS), peak
+allocated GiB on rank 0, and per GPU the peak memory used and mean utilisation sampled from
+nvidia-smi every half second. `stop` stops a 2-GPU run mid-way, checks that no process and no GPU
+memory is left, resumes it and checks the step count goes on.
+"""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.bench import BENCH, MODEL, build_model
+from engine.events import read_events
+from engine.launch import resume_run, run_processes, run_status, start_run, stop_run
+from engine.presets import load_preset, make_config
+
+RUNS = Path("/tmp/runs")
+WARMUP_STEPS = 2
+STEPS = 10
+# name: (preset, GPUs, engine flags over the preset's)
+CASES = {
+    "z2-1": ("qlora-zero2", [0], {}),
+    "z2-2": ("qlora-zero2", [0, 1], {}),
+    # DDP with the same 4-bit base as ZeRO-2: the fair comparison of memory and of loss curves.
+    "ddpq-1": ("ddp", [0], {"use_qlora": True}),
+    "ddpq-2": ("ddp", [0, 1], {"use_qlora": True}),
+    "ddp-2": ("ddp", [0, 1], {}),
+    "fp16-1": ("fp16-v100-t4", [0], {}),
+}
+
+
+def _config(preset, **flags):
+    return make_config(preset, **{
+        "model_id": str(MODEL), "train_data": str(BENCH / "realistic-train.jsonl"), "train_on_prompt": True,
+        "max_steps": STEPS, "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1, "seed": 0,
+        "learning_rate": 1e-5, **flags,
+    })
+
+
+class GpuSampler(threading.Thread):
+    """nvidia-smi every half second: memory used (GiB) and utilisation (%) per GPU."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples: list[list[tuple[float, float]]] = []
+        self.running = True
+
+    @staticmethod
+    def sample() -> list[tuple[float, float]]:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,utilization.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
+        return [(float(m) / 1024, float(u)) for m, u in (line.split(",") for line in out.strip().splitlines())]
+
+    def run(self):
+        while self.running:
+            self.samples.append(self.sample())
+            time.sleep(0.5)
+
+    def summary(self, gpus: list[int]) -> dict:
+        return {f"gpu{g}": {"peak_used_gib": round(max(s[g][0] for s in self.samples), 2),
+                            "mean_util_pct": round(sum(s[g][1] for s in self.samples) / len(self.samples), 1)}
+                for g in gpus}
+
+
+def _wait(run_id: str, until=lambda info: info.status not in ("queued", "running", "stopping")):
+    while not until(info := run_status(run_id, RUNS)):
+        time.sleep(1)
+    return info
+
+
+def _events(info, name):
+    return [e for e in read_events(info.run_dir / "events.jsonl")[0] if e["event"] == name]
+
+
+def measure(case: str) -> dict:
+    preset_name, gpus, flags = CASES[case]
+    preset = load_preset(preset_name)
+    sampler = GpuSampler()
+    sampler.start()
+    started = time.time()
+    info = _wait(start_run(preset, _config(preset, **flags), gpus=gpus, runs_dir=RUNS).run_id)
+    sampler.running = False
+    logs = _events(info, "log")
+    result = {"case": case, "preset": preset_name, "gpus": len(gpus), "status": info.status,
+              "reason": info.reason, "wall_s": round(time.time() - started, 1)}
+    if info.status == "succeeded":
+        after = [e for e in logs if e["step"] > WARMUP_STEPS]
+        tokens = after[-1]["tokens_seen"] - logs[WARMUP_STEPS - 1]["tokens_seen"]
+        seconds = after[-1]["time"] - logs[WARMUP_STEPS - 1]["time"]
+        result |= {
+            "tokens_per_s": round(tokens / seconds), "step_s": round(seconds / len(after), 3),
+            "rank0_peak_allocated_gib": max(e["gpu_memory_gib"] for e in logs),
+            "losses": [round(e["loss"], 4) for e in logs], "grad_norms": [round(e["grad_norm"], 4) for e in logs],
+            "command": info.command,
+        }
+    return result | sampler.summary(gpus)
+
+
+def stop_and_resume() -> dict:
+    preset = load_preset("qlora-zero2")
+    config = _config(preset, max_steps=200, save_strategy="steps", save_steps=1000)
+    info = start_run(preset, config, gpus=[0, 1], runs_dir=RUNS)
+    _wait(info.run_id, until=lambda i: any(e["step"] >= 4 for e in _events(i, "log")) or i.status == "failed")
+    info = stop_run(info.run_id, RUNS, wait=True)
+    time.sleep(2)
+    stopped = _events(info, "stopped")
+    result = {"case": "stop", "status": info.status, "processes_left": len(run_processes(info)),
+              "gpu_used_gib_after_stop": [round(m, 2) for m, _ in GpuSampler.sample()],
+              "stopped_step": stopped[0]["step"] if stopped else None}
+    info = resume_run(info.run_id, RUNS)
+    _wait(info.run_id, until=lambda i: len(_events(i, "started")) > 1 and _events(i, "log")[-1]["step"]
+          > result["stopped_step"] or i.status == "failed")
+    result["resumed_start_step"] = _events(info, "started")[-1]["start_step"]
+    result["resumed_log_steps"] = [e["step"] for e in _events(info, "log")][-3:]
+    info = stop_run(info.run_id, RUNS, wait=True)
+    result["processes_left_after_second_stop"] = len(run_processes(info))
+    return result
+
+
+def main() -> None:
+    names = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "run" else list(CASES)
+    if not (MODEL / "config.json").exists():
+        build_model()
+    for name in names:
+        try:
+            print(json.dumps(stop_and_resume() if name == "stop" else measure(name)), flush=True)
+        except Exception as e:  # noqa: BLE001 - one failed case must not hide the others' numbers
+            print(json.dumps({"case": name, "error": repr(e)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
