@@ -171,7 +171,10 @@ def run_processes(info: RunInfo) -> list[psutil.Process]:
         try:
             if p.info["create_time"] < (info.pid_create_time or 0) or p.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if p.environ().get(RUN_MARKER) == info.run_id:
+            # The leader by pid and start time: between fork and exec its environment is still
+            # the parent's, without the marker, and a status check then must not call it dead.
+            if (p.pid == info.pid and p.info["create_time"] == info.pid_create_time
+                    or p.environ().get(RUN_MARKER) == info.run_id):
                 found.append(p)
         except psutil.Error:
             continue

@@ -250,3 +250,22 @@ def test_zero2_learns_exactly_like_ddp(tiny_mistral, tmp_path):
     for (z2_loss, z2_norm), (ddp_loss, ddp_norm) in zip(curves["qlora-zero2"], curves["ddp"], strict=True):
         assert z2_loss == pytest.approx(ddp_loss, rel=1e-4)
         assert z2_norm == pytest.approx(ddp_norm, rel=1e-3)
+
+
+def test_a_just_started_leader_counts_as_alive_before_its_environment_is_set(tmp_path):
+    """Right after fork, before exec, the child's environment is the parent's (no marker): a status
+    check in that window once marked a healthy run failed."""
+    import subprocess
+
+    import psutil
+
+    child = subprocess.Popen(["sleep", "30"])  # no marker in its environment, like a child before exec
+    try:
+        info = launch.RunInfo(run_id="r", status="running", preset="cpu-tiny", run_dir=tmp_path, created_at=0,
+                              command="", pid=child.pid, pid_create_time=psutil.Process(child.pid).create_time())
+        assert [p.pid for p in launch.run_processes(info)] == [child.pid]
+        info.pid_create_time -= 100  # a reused pid: another process's start time
+        assert launch.run_processes(info) == []
+    finally:
+        child.kill()
+        child.wait()
