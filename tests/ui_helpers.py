@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from engine.hardware import Hardware
+from engine.launch import list_runs, run_processes
 from ui.app import build_app, launch_kwargs
 from ui.common import Context
 
@@ -32,3 +33,6 @@ def running_app(runs_dir: Path, cache_dir: Path) -> Iterator[str]:
         yield demo.local_url
     finally:
         demo.close()
+        for info in list_runs(runs_dir):  # a failed test must not leave a run training behind it
+            for process in run_processes(info):
+                process.kill()
