@@ -144,6 +144,16 @@ def test_reload_reattaches_and_stop_ends_every_process(page, app):
     run_id = re.search(r"Run (\S+)", page.locator("#run-status").inner_text()).group(1)
     info = launch.run_status(run_id, app[1])
 
+    # A second tab watches the same run, and its view moves on as the run does.
+    second = page.context.new_page()
+    second.goto(app[0])
+    tab(second, "3 · Train")
+    expect(second.locator("#run-status")).to_contain_text(run_id, timeout=30_000)
+    step_now = int(re.search(r"step (\d+) of", second.locator("#progress").inner_text()).group(1))
+    expect(second.locator("#progress")).not_to_contain_text(f"step {step_now} of", timeout=30_000)
+    shot(second, "09b-second-tab")
+    second.close()
+
     page.locator("#stop").click()
     expect(page.locator("#run-status")).to_contain_text("Stopped", timeout=60_000)
     shot(page, "10-stopped")
