@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.bench import BENCH, MODEL, build_model
 from engine.events import read_events
-from engine.launch import resume_run, run_processes, run_status, start_run, stop_run
+from engine.launch import ACTIVE, resume_run, run_processes, run_status, start_run, stop_run
 from engine.presets import load_preset, make_config
 
 RUNS = Path("/tmp/runs")
@@ -71,7 +71,7 @@ class GpuSampler(threading.Thread):
                 for g in gpus}
 
 
-def _wait(run_id: str, until=lambda info: info.status not in ("queued", "running", "stopping")):
+def _wait(run_id: str, until=lambda info: info.status not in ACTIVE):
     while not until(info := run_status(run_id, RUNS)):
         time.sleep(1)
     return info

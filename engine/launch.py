@@ -34,7 +34,8 @@ from engine.presets import Preset
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 30.0  # SIGTERM lets ranks finish a step and checkpoint; then SIGKILL
-LIVE = ("running", "stopping")
+LIVE = ("running", "stopping")  # processes exist
+ACTIVE = ("queued", *LIVE)  # not over yet
 FINAL_STATUS = {"finished": "succeeded", "stopped": "stopped", "failed": "failed"}
 
 
@@ -323,7 +324,7 @@ def resume_run(run_id: str, runs_dir: str | Path = "runs") -> RunInfo:
         info = next(r for r in runs if r.run_id == run_id)
         if info.status not in ("stopped", "failed"):
             raise ValueError(f"run {run_id} is {info.status}; only a stopped or failed run can be resumed")
-        if not any((run_dir / "output").glob("checkpoint-*")):
+        if not resumable(info):
             raise ValueError(f"run {run_id} saved no checkpoint to resume from; start a new run instead")
         argv, env = json.loads((run_dir / "argv.json").read_text())
         argv = _with_flag(argv, "--resume_from_checkpoint", "true")
@@ -337,6 +338,11 @@ def resume_run(run_id: str, runs_dir: str | Path = "runs") -> RunInfo:
             _spawn(info, argv, env)
         _save(info)
     return info
+
+
+def resumable(info: RunInfo) -> bool:
+    """A stopped or failed run with a checkpoint to continue from."""
+    return info.status in ("stopped", "failed") and any((info.run_dir / "output").glob("checkpoint-*"))
 
 
 def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
@@ -414,7 +420,7 @@ def follow(info: RunInfo, runs_dir: Path, out=None) -> RunInfo:
             out.write(_describe(e) + "\n")
         out.flush()
         info = run_status(info.run_id, runs_dir)
-        if info.status not in (*LIVE, "queued") and not events:
+        if info.status not in ACTIVE and not events:
             return info
         time.sleep(1.0)
 

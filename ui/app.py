@@ -93,7 +93,7 @@ def build_app(ctx: Context) -> gr.Blocks:
                 s, data_step.summary_markdown(report, counted_with),
                 data_step.preview_messages(s.data_path) if ok else [],
                 _histogram(data_step.histogram_frame(report)), gr.Row(visible=ok),
-                gr.update(interactive=ok and s.status not in train_step.ACTIVE),
+                gr.update(interactive=ok and s.status not in launch.ACTIVE),
             )
 
         check_outputs = [session, data.summary, data.preview, data.histogram, data.views, train.start]

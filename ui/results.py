@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from engine.events import read_events
-from engine.launch import RunInfo, list_runs, run_status
+from engine.launch import ACTIVE, RunInfo, list_runs, resumable, run_status
 from ui.common import Context
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "finetune_config.json", "README.md")
@@ -104,8 +104,8 @@ def details(ctx: Context, run_id: str | None) -> tuple:
         gr.update(visible=(info.run_dir / "stdout.log").is_file(), value=None),
         gr.update(visible=merged_dir.is_dir()),
         hidden,
-        gr.update(visible=info.status in ("stopped", "failed") and _last_checkpoint(output) is not None),
-        gr.update(visible=info.status in ("queued", "running", "stopping")),
+        gr.update(visible=resumable(info)),
+        gr.update(visible=info.status in ACTIVE),
     )
 
 
@@ -144,7 +144,3 @@ def log_file(ctx: Context, run_id: str) -> str:
     shutil.copyfile(source, target)
     return str(target)
 
-
-def _last_checkpoint(output: Path) -> Path | None:
-    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return checkpoints[-1] if checkpoints else None

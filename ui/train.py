@@ -14,13 +14,12 @@ import gradio as gr
 import pandas as pd
 
 from engine.events import read_events
-from engine.launch import RunInfo, list_runs, run_status
+from engine.launch import ACTIVE, RunInfo, list_runs, run_status
 from ui.common import Context, Session
 
 POLL_S = 1.0
 LOG_LINES = 200  # kept for the log view; the whole log is a download away (Results)
 LOG_CHUNK = 256 * 1024  # at most this much new log is read per tick, so a chatty run never stalls the UI
-ACTIVE = ("queued", "running", "stopping")
 OUTPUTS = 9  # what view() returns: start, stop, status, progress, metrics, loss, eval_loss, error, log
 
 
