@@ -51,29 +51,31 @@ COMMON = {
     "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "gradient_checkpointing": "true",
     "num_train_epochs": 1, "train_on_prompt": "true", "save_strategy": "no", "eval_strategy": "epoch",
     "logging_steps": 1, "eval_size": 0, "report_to": "none", "seed": SEED,
+    "per_device_eval_batch_size": 8,  # the HF default the seed recipe runs with: a token-weighted eval loss
 }
-# name: (data set, engine flags beyond COMMON; None runs the plain seed recipe instead)
-PACKED = {"packing": "true"}  # an opt-in lever: an epoch then has fewer, larger optimizer steps
+# name: (data set, engine flags beyond COMMON). SEED runs the plain seed recipe, an UNSLOTH tuple
+# (batch, accumulation) runs Unsloth (benchmarks/unsloth_run.py) instead of our engine.
+SEED_RECIPE = None
+BS16 = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}  # Unsloth's best: 16 x 1
 VARIANTS = {
-    "seed-realistic": ("realistic", None),
-    "engine-default-realistic": ("realistic", {}),
-    "engine-realistic": ("realistic", PACKED),
-    "engine-liger-realistic": ("realistic", {**PACKED, "use_liger_kernel": "true"}),
-    # The same 8,192 tokens an optimizer step as 2,048 x 4, in one micro-batch.
-    "engine-pack8k-realistic": ("realistic", {**PACKED, "pack_tokens": 8192, "gradient_accumulation_steps": 1}),
-    "engine-pack8k-liger-realistic": ("realistic", {**PACKED, "pack_tokens": 8192, "gradient_accumulation_steps": 1,
-                                                    "use_liger_kernel": "true"}),
-    "engine-nodropout-realistic": ("realistic", {**PACKED, "lora_dropout": 0}),
-    "engine-pack4k-liger-realistic": ("realistic", {**PACKED, "pack_tokens": 4096, "gradient_accumulation_steps": 2,
-                                                    "use_liger_kernel": "true"}),
-    "engine-pack8k-liger-nodropout-realistic": ("realistic", {**PACKED, "pack_tokens": 8192,
-                                                              "gradient_accumulation_steps": 1,
-                                                              "use_liger_kernel": "true", "lora_dropout": 0}),
-    "seed-fixed2048": ("fixed2048", None),
-    "engine-nopacking-fixed2048": ("fixed2048", {}),
-    "engine-fixed2048": ("fixed2048", PACKED),
-    "engine-liger-fixed2048": ("fixed2048", {**PACKED, "use_liger_kernel": "true"}),
+    "seed-realistic": ("realistic", SEED_RECIPE),
+    "engine-realistic": ("realistic", {}),  # the default: packed steps, passes of 2,048 tokens
+    "engine-nopacking-realistic": ("realistic", {"packing": "false"}),
+    "engine-bf16-realistic": ("realistic", {"upcast_layernorm": "false"}),  # hidden states in bf16, as Unsloth
+    "engine-pass8k-realistic": ("realistic", {"pack_tokens": 8192}),  # a step's 4 examples in one pass
+    "engine-pass8k-liger-realistic": ("realistic", {"pack_tokens": 8192, "use_liger_kernel": "true"}),
+    "engine-bs16-realistic": ("realistic", BS16),
+    "engine-bs16-liger-realistic": ("realistic", {**BS16, "use_liger_kernel": "true"}),
+    "engine-bs16-liger-nodropout-realistic": ("realistic", {**BS16, "use_liger_kernel": "true", "lora_dropout": 0}),
+    "unsloth-realistic": ("realistic", ("unsloth", 1, 4)),
+    "unsloth-bs16-realistic": ("realistic", ("unsloth", 16, 1)),
+    "seed-fixed2048": ("fixed2048", SEED_RECIPE),
+    "engine-fixed2048": ("fixed2048", {}),
+    "engine-nopacking-fixed2048": ("fixed2048", {"packing": "false"}),
+    "engine-liger-fixed2048": ("fixed2048", {"use_liger_kernel": "true"}),
+    "unsloth-fixed2048": ("fixed2048", ("unsloth", 1, 4)),
 }
+UNSLOTH_SITE = Path(".site-unsloth")  # its packages (trl, datasets 4, unsloth): see unsloth_run.py
 
 
 # ---- prepare (CPU): tokenizer and data ----
@@ -140,6 +142,10 @@ def build_model() -> None:
     model.save_pretrained(MODEL)
     for f in (BENCH / "tokenizer").iterdir():
         shutil.copy(f, MODEL / f.name)
+    # This process goes on to sample or launch runs: hand the 14 GiB back, or nvidia-smi counts
+    # them in every run's per-GPU memory (it did in the first 2-GPU stop test).
+    del model
+    torch.cuda.empty_cache()
 
 
 def _flags(values: dict) -> list[str]:
@@ -195,6 +201,7 @@ def run_seed(data: str, out: Path) -> None:
                                              target_modules=targets))
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-5,
+        per_device_eval_batch_size=COMMON["per_device_eval_batch_size"],
         lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=1, bf16=True, seed=SEED,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1, save_strategy="no", eval_strategy="epoch", report_to=[],
@@ -228,8 +235,12 @@ def measure(variant: str) -> dict:
     out = Path("/tmp/bench-runs") / variant
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    if flags is None:
+    if flags is SEED_RECIPE:
         run_seed(data, out)
+    elif isinstance(flags, tuple):
+        from benchmarks.unsloth_run import run_unsloth
+
+        run_unsloth(data, out, batch=flags[1], accumulation=flags[2])
     else:
         run_engine(data, flags, out)
     events, _ = read_events(out / "events.jsonl")
@@ -266,8 +277,11 @@ def run(variants: list[str]) -> None:
     results = Path(os.environ.get("OUT", "/tmp")) / "results.jsonl"
     for variant in variants:
         start = time.time()
+        env = dict(os.environ)
+        if isinstance(VARIANTS[variant][1], tuple):  # Unsloth's packages shadow ours in its process only
+            env["PYTHONPATH"] = os.pathsep.join([str(UNSLOTH_SITE.resolve()), env.get("PYTHONPATH", "")])
         proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "one", variant],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             tail = (proc.stdout + proc.stderr)[-1500:]

@@ -53,6 +53,7 @@ class TrainConfig:
     # --- model and adapter ---
     use_flash_attention: bool = _flag(False, "Use the fastest attention installed (flash-attn 2, then 4, then SDPA); false uses SDPA.", "model")
     use_qlora: bool = _flag(False, "Load the base model in 4-bit nf4 (double quantization) and train a LoRA on top.", "model")
+    upcast_layernorm: bool = _flag(True, "With use_qlora: cast the base's 16-bit weights (norms, embeddings, output head) to fp32, as the seed recipe (PEFT's prepare_model_for_kbit_training) does, so the hidden states are fp32 too; false keeps them in bf16/fp16: about 1.2 GB less for a 7B model, but small updates round away (it learned slower than the seed recipe on our benchmark, as Unsloth does).", "model")
     peft_type: PeftType = _flag(PeftType.lora, "Adapter kind: lora, ia3, or none for full finetuning.", "model")
     use_dora: bool = _flag(False, "Weight-decomposed LoRA (DoRA): often better quality, slower.", "model")
     lora_target_modules: list[str] | None = _flag(None, "Layers to adapt, comma separated; auto adapts every linear layer but the output head.", "model")
@@ -64,7 +65,7 @@ class TrainConfig:
     # --- optimisation ---
     num_train_epochs: float = _flag(1.0, "Passes over the training data.")
     max_steps: int = _flag(-1, "Stop after this many optimizer steps; -1 uses num_train_epochs.")
-    per_device_train_batch_size: int = _flag(1, "Examples per GPU per micro-batch; with packing, a micro-batch holds up to this x max_length tokens of whole examples (see pack_tokens).")
+    per_device_train_batch_size: int = _flag(1, "Examples per GPU per micro-batch; an optimizer step trains this x gradient_accumulation_steps examples per GPU (with packing, in passes of up to pack_tokens tokens).")
     per_device_eval_batch_size: int = _flag(1, "Examples per GPU per eval batch.")
     gradient_accumulation_steps: int = _flag(4, "Micro-batches per optimizer step (effective batch = this x batch size x GPUs).")
     auto_find_batch_size: bool = _flag(False, "On out-of-memory, halve the batch size and retry (not with DeepSpeed).")
@@ -74,8 +75,8 @@ class TrainConfig:
     weight_decay: float = _flag(0.0, "AdamW weight decay.")
     optim: str = _flag("adamw_torch", "Optimizer name as in transformers (adamw_torch, paged_adamw_8bit, adamw_bnb_8bit, ...).")
     gradient_checkpointing: bool = _flag(True, "Recompute activations in the backward pass: much less memory, about 30% slower.")
-    packing: bool = _flag(False, "Pack whole examples into micro-batches of up to pack_tokens tokens, with no padding and no attention between examples: 5x faster on short examples, but an epoch then has fewer, larger optimizer steps (raise learning_rate or epochs); false pads each micro-batch to its longest example, as the seed recipe does.")
-    pack_tokens: int = _flag(0, "Token budget of one packed micro-batch; 0 uses per_device_train_batch_size x max_length, the most a padded micro-batch could hold.")
+    packing: bool = _flag(True, "Run each optimizer step's examples packed back to back, with no padding and no attention between examples, in as few forward passes of up to pack_tokens tokens as they fit: the same examples, steps and gradients as padded micro-batches, several times faster on examples of mixed lengths; false pads each micro-batch to its longest example, as the seed recipe does.")
+    pack_tokens: int = _flag(0, "Most tokens in one packed forward pass; 0 uses per_device_train_batch_size x max_length, the most a padded micro-batch holds, so memory stays what padding would need. More tokens a pass is faster and takes more GPU memory.")
     use_liger_kernel: bool = _flag(False, "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and linear + cross-entropy that never holds the full logits); CUDA only, ignored elsewhere.", "hardware")
     bf16: bool = _flag(False, "bfloat16 mixed precision (Ampere or newer GPUs, and CPUs).", "hardware")
     fp16: bool = _flag(False, "float16 mixed precision (V100, T4 and other GPUs without bf16).", "hardware")

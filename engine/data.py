@@ -454,7 +454,6 @@ class Datasets:
     # tokenizing pass over the file before training, the pass that counts its examples.
     train_tokens: int
     num_truncated: int  # over train and eval
-    num_train_rows: int  # rows the Trainer iterates: packed micro-batches with config.packing, else examples
 
 
 _FEATURES = datasets.Features({
@@ -510,15 +509,7 @@ def build_datasets(config, tokenizer) -> Datasets:
     else:
         train = full.select(np.flatnonzero(in_train), keep_in_memory=True) if eval_indices else full
     train = train.remove_columns("truncated")
-    num_train_rows = int(in_train.sum())
-    if config.packing:
-        from engine import packing
-
-        budget = packing.token_budget(config)
-        train = packing.pack_dataset(train, budget)
-        # A stream has no length; packing its lengths in the same windows counts its rows.
-        num_train_rows = packing.count_packs(lengths[in_train], budget) if config.streaming else len(train)
-    if config.streaming:  # packed first, so the windows are the file's order and the count holds
+    if config.streaming:
         train = train.shuffle(seed=config.seed, buffer_size=SHUFFLE_BUFFER)
     return Datasets(
         train=train,
@@ -527,7 +518,6 @@ def build_datasets(config, tokenizer) -> Datasets:
         num_eval_examples=len(eval_set) if eval_set is not None else 0,
         train_tokens=int(lengths[in_train].sum()),
         num_truncated=num_truncated,
-        num_train_rows=num_train_rows,
     )
 
 

@@ -35,7 +35,7 @@ def pick_attention(config: TrainConfig) -> tuple[str, str]:
     if config.use_flash_attention and import_utils.is_flash_attn_4_available():
         return "flash_attention_4", "flash-attn 4 is installed (flash-attn 2 is not)"
     if config.packing and varlen_available():
-        return VARLEN, "packed micro-batches: PyTorch's varlen flash kernel, no FLOPs between examples"
+        return VARLEN, "packed passes: PyTorch's varlen flash kernel, no FLOPs between examples"
     if not config.use_flash_attention:
         return "sdpa", "use_flash_attention and packing are false"
     return "sdpa", "neither flash-attn 2 nor 4 is installed; PyTorch SDPA picks its own flash kernel"
@@ -110,8 +110,9 @@ def add_adapter(model: PreTrainedModel, config: TrainConfig, targets: list[str])
         return model
     from peft import IA3Config, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if config.use_qlora:
-        # Casts norms to fp32 and enables input gradients so checkpointing works with frozen 4-bit weights.
+    if config.use_qlora and config.upcast_layernorm:
+        # The seed's way. Without it nothing else is needed: get_peft_model freezes the base, and
+        # non-reentrant checkpointing (trainer_args) needs no input gradients.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
         )

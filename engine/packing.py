@@ -1,28 +1,38 @@
-"""Padding-free packing: examples share a micro-batch up to a token budget, with no padding.
+"""Padding-free step packing: each optimizer step's examples in as few forward passes as fit.
 
-Each packed row holds whole examples back to back; `position_ids` restart at 0 for each, which
-is how attention keeps examples apart (varlen flash kernels get `cu_seq_lens_*` boundaries,
-SDPA and eager get a block-diagonal mask that transformers builds from the position ids). The
-collator sets the first label of each example to -100, so no example learns to predict the next
-one's first token (the loss shifts labels by one, so that label was never a target anyway).
+The seed recipe pads each micro-batch to its longest example and runs gradient_accumulation_steps
+micro-batches per optimizer step. On realistic data most of that is padding, and a GPU fed one
+short example at a time waits on the host (thousands of small kernels per pass). We keep what a
+step means (per_device_train_batch_size x gradient_accumulation_steps examples per device, the
+same examples in the same order, the gradient normalised by the label tokens of the whole step)
+and change how it runs:
 
-Why our own packer: TRL's `pack_dataset` comes with its SFTTrainer collator and truncation
-rules; ours is 30 lines over the lengths alone, so the same code packs and counts packs.
+- the dataloader hands over a whole step's examples (the Trainer sees one micro-batch a step);
+- `StepCollator` packs them best-fit into passes of at most `token_budget` tokens, back to back
+  with no padding; `position_ids` restart at 0 for each example, which is how attention keeps
+  examples apart (varlen kernels get `cu_seq_lens_*` boundaries, SDPA and eager get a
+  block-diagonal mask that transformers builds from the position ids);
+- `StepPackingTrainer.training_step` runs the passes as gradient accumulation does: gradients
+  synchronised (DDP, DeepSpeed) on the last pass only, every rank running as many passes.
+
+The budget defaults to per_device_train_batch_size x max_length, the most tokens a padded
+micro-batch could hold, so a pass never needs more activation memory than the seed's micro-batch.
+TRL's packing packs across steps (an epoch then has fewer, larger steps, which changes what the
+seed's batch size means and how far a run learns); its padding-free collator flattens one
+micro-batch only. Neither merges the micro-batches of one step, so this is ours.
 """
 
 import bisect
 from collections.abc import Sequence
 
-import datasets
 import torch
+from transformers import Trainer
 
 from engine.config import TrainConfig
 
-PACK_WINDOW = 2000  # examples packed together; a larger window fills rows better, at more RAM
-
 
 def token_budget(config: TrainConfig) -> int:
-    """Tokens a packed micro-batch may hold: pack_tokens, else what a padded micro-batch could."""
+    """Tokens one forward pass may hold: pack_tokens, else what a padded micro-batch could."""
     return config.pack_tokens or config.per_device_train_batch_size * config.max_length
 
 
@@ -50,66 +60,76 @@ def pack_lengths(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return bins
 
 
-def count_packs(lengths: Sequence[int], budget: int) -> int:
-    """Rows pack_dataset makes of examples of these lengths, in this order."""
-    windows = range(0, len(lengths), PACK_WINDOW)
-    return sum(len(pack_lengths(lengths[w : w + PACK_WINDOW], budget)) for w in windows)
+def pack(examples: list[dict]) -> dict[str, torch.Tensor | int]:
+    """Examples → one (1, tokens) pass with no padding.
 
-
-def _pack_batch(batch: dict[str, list], budget: int) -> dict[str, list]:
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-    for members in pack_lengths([len(ids) for ids in batch["input_ids"]], budget):
-        input_ids, labels, position_ids = [], [], []
-        for i in members:
-            input_ids += batch["input_ids"][i]
-            labels += batch["labels"][i]
-            position_ids += range(len(batch["input_ids"][i]))
-        rows["input_ids"].append(input_ids)
-        rows["labels"].append(labels)
-        rows["position_ids"].append(position_ids)
-    return rows
-
-
-def pack_dataset(
-    dataset: "datasets.Dataset | datasets.IterableDataset", budget: int
-) -> "datasets.Dataset | datasets.IterableDataset":
-    """Rows of whole examples, at most `budget` tokens each, packed within windows of examples.
-
-    Works on an Arrow dataset (cached like any map) and on a streamed one (packed as it is read).
+    Each example's first label becomes -100: the loss shifts labels by one, so it was never a
+    target, and counting it would skew the step's normalisation. A pass of one example carries
+    no boundaries, so it runs exactly as an unpacked micro-batch does.
     """
-    return dataset.map(
-        _pack_batch,
-        batched=True,
-        batch_size=PACK_WINDOW,
-        fn_kwargs={"budget": budget},
-        remove_columns=["input_ids", "labels"],
-    )
-
-
-class PackedCollator:
-    """Rows (packed or single examples) → one (1, tokens) micro-batch with no padding.
-
-    Beside input_ids, labels and position_ids it passes the boundaries that varlen attention
-    needs (the names transformers' flash-attention path reads); other backends ignore them.
-    A row without position_ids is one example.
-    """
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor | int]:
-        input_ids, labels, position_ids = [], [], []
-        for row in rows:
-            n = len(row["input_ids"])
-            input_ids += row["input_ids"]
-            positions = row.get("position_ids") or range(n)
-            position_ids += positions
-            labels += [-100 if p == 0 else label for p, label in zip(positions, row["labels"], strict=True)]
+    input_ids, labels, position_ids = [], [], []
+    for example in examples:
+        n = len(example["input_ids"])
+        input_ids += example["input_ids"]
+        labels += [-100, *example["labels"][1:]]
+        position_ids += range(n)
+    batch: dict[str, torch.Tensor | int] = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
+    if len(examples) > 1:
         positions = torch.tensor(position_ids)
-        starts = torch.cat([torch.nonzero(positions == 0).flatten(), torch.tensor([len(positions)])])
-        return {
-            "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": positions[None],
-            "cu_seq_lens_q": starts.to(torch.int32),
-            "cu_seq_lens_k": starts.to(torch.int32),
-            "max_length_q": int(starts.diff().max()),
-            "max_length_k": int(starts.diff().max()),
-        }
+        starts = torch.cat([torch.nonzero(positions == 0).flatten(), torch.tensor([len(positions)])]).to(torch.int32)
+        longest = int(starts.diff().max())
+        # The names transformers' flash-attention path reads; other backends use the position ids.
+        batch.update(position_ids=positions[None], cu_seq_lens_q=starts, cu_seq_lens_k=starts,
+                     max_length_q=longest, max_length_k=longest)
+    return batch
+
+
+class StepCollator:
+    """One optimizer step's examples → its passes, beside the whole step as one packed row.
+
+    The Trainer reads the whole row to count tokens and to normalise the loss; an eval batch
+    (no gradients, little memory) runs as that one row.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def __call__(self, examples: list[dict]) -> dict:
+        bins = pack_lengths([len(e["input_ids"]) for e in examples], self.budget)
+        passes = [pack([examples[i] for i in members]) for members in bins]
+        return {**pack([examples[i] for members in bins for i in members]), "passes": passes}
+
+
+# A pass that trains nothing (its one label is ignored): a rank with fewer passes runs these, so
+# that every rank joins the same number of gradient collectives (ZeRO-2 reduces in each backward).
+_IDLE_PASS = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.full((1, 1), -100)}
+
+
+class StepPackingTrainer(Trainer):
+    """Runs each step's passes (StepCollator) as gradient accumulation runs micro-batches."""
+
+    def training_step(self, model, inputs: dict, num_items_in_batch=None):
+        passes = inputs["passes"]
+        missing = self._most_passes(len(passes)) - len(passes)
+        passes = passes + [_IDLE_PASS] * missing
+        loss = 0.0
+        for i, one in enumerate(passes):
+            last = i == len(passes) - 1
+            # What the Trainer's own accumulation loop sets: DeepSpeed reads it as the boundary.
+            self.accelerator.gradient_state._set_sync_gradients(last)
+            if last:
+                loss = loss + super().training_step(model, one, num_items_in_batch)
+            else:
+                with self.accelerator.no_sync(model):
+                    loss = loss + super().training_step(model, one, num_items_in_batch)
+        return loss
+
+    def _most_passes(self, mine: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return mine
+        count = torch.tensor([mine], device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="max").item())
+
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        inputs = {k: v for k, v in inputs.items() if k != "passes"}  # the whole batch in one pass
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)

@@ -68,8 +68,8 @@ class Recipe:
         if config.packing:
             from engine.packing import token_budget
 
-            log.info("packing: %d train rows of up to %d tokens, one per micro-batch",
-                     self.datasets.num_train_rows, token_budget(config))
+            log.info("packing: each step's %d examples per process in passes of up to %d tokens",
+                     config.per_device_train_batch_size * config.gradient_accumulation_steps, token_budget(config))
 
         attention, why = model.pick_attention(config)
         log.info("attention: %s (%s)", attention, why)
@@ -95,7 +95,7 @@ class Recipe:
         from transformers import DataCollatorForSeq2Seq, Trainer
 
         from engine.callbacks import EventsCallback, StopOnSignal
-        from engine.packing import PackedCollator
+        from engine.packing import StepCollator, StepPackingTrainer, token_budget
         from engine.trainer_args import training_arguments
 
         config = self.config
@@ -121,15 +121,17 @@ class Recipe:
             from engine.tracking import TrueFoundryCallback
 
             callbacks.append(TrueFoundryCallback(config))
-        return Trainer(
+        if config.packing:
+            trainer_class, collator = StepPackingTrainer, StepCollator(token_budget(config))
+        else:  # the seed's way: pad each micro-batch to its longest example, labels with -100
+            trainer_class = Trainer
+            collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
+        return trainer_class(
             model=self.model,
             args=args,
             train_dataset=self.datasets.train,
             eval_dataset=self.datasets.eval,
-            # Packed: one row of whole examples, no padding. Else pads input_ids with the pad token
-            # and labels with -100, to the longest in the batch.
-            data_collator=PackedCollator() if config.packing
-            else DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),
+            data_collator=collator,
             processing_class=self.tokenizer,
             callbacks=callbacks,
         )

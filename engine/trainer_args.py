@@ -10,8 +10,15 @@ from engine.config import PeftType, TrainConfig
 
 
 def _train_batch_size(config: TrainConfig) -> int:
-    """Rows per micro-batch: one packed row (its token budget is set by the batch size) or examples."""
-    return 1 if config.packing else config.per_device_train_batch_size
+    """Examples the dataloader hands over at once: a whole optimizer step's when packing
+    (engine/packing.py runs them in passes), else a micro-batch's."""
+    if config.packing:
+        return config.per_device_train_batch_size * config.gradient_accumulation_steps
+    return config.per_device_train_batch_size
+
+
+def _accumulation_steps(config: TrainConfig) -> int:
+    return 1 if config.packing else config.gradient_accumulation_steps
 
 
 def _max_steps(config: TrainConfig, datasets) -> int:
@@ -19,8 +26,8 @@ def _max_steps(config: TrainConfig, datasets) -> int:
     if config.max_steps > 0 or not config.streaming:
         return config.max_steps
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    per_step = _train_batch_size(config) * config.gradient_accumulation_steps * world
-    return max(1, math.ceil(datasets.num_train_rows * config.num_train_epochs / per_step))
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
+    return max(1, math.ceil(datasets.num_train_examples * config.num_train_epochs / per_step))
 
 
 def _deepspeed(config: TrainConfig) -> dict | None:
@@ -55,7 +62,7 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         max_steps=_max_steps(config, datasets),
         per_device_train_batch_size=_train_batch_size(config),
         per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_accumulation_steps=_accumulation_steps(config),
         auto_find_batch_size=config.auto_find_batch_size,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
@@ -86,7 +93,7 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         # Counts trained tokens (not padding) across ranks, for tokens/s in the events.
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
-        # Our collator pads; the Trainer must not drop the labels column it does not know.
+        # Our collators build the inputs; the Trainer must not drop the labels column it does not know.
         label_names=["labels"],
         disable_tqdm=True,  # progress goes to events.jsonl; a bar would flood stdout.log
     )
