@@ -164,7 +164,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(map(str, value))
     return str(value)
 
 
@@ -226,7 +226,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def coerce(name: str, value: Any) -> Any:
-    """A flag's value from JSON/YAML/a form, checked and typed exactly as the CLI would."""
+    """A flag's value from JSON/YAML/a form, checked and typed exactly as the CLI would.
+
+    Raises ValueError, its text starting with the flag's name, for a value the flag can't take.
+    """
     if name not in FIELDS:
         raise ValueError(f"unknown flag {name!r}")
     try:
@@ -238,7 +241,7 @@ def coerce(name: str, value: Any) -> Any:
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """config.json (or a preset's flags plus a form's values) into a TrainConfig.
 
-    Unknown keys are an error, not silently dropped.
+    Unknown keys are an error, not silently dropped: ValueError, as for a bad value (see coerce).
     """
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:

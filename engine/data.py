@@ -7,11 +7,14 @@ Two formats, one JSON object per line (extra keys are ignored, blank lines skipp
 Files are read line by line, never whole: checking or training on a file larger than RAM works.
 """
 
+import codecs
 import hashlib
 import json
 import os
 import random
+import sys
 from array import array
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +98,9 @@ def check_jsonl(path: str | Path, max_problems: int = 50) -> DataCheck:
         report(Problem(path, None, None, "is a folder; pass the path of a .jsonl file"))
     except OSError as e:
         report(Problem(path, None, None, f"can't be read ({e.strerror}); check its permissions"))
+    except ValueError:  # from open(): the lines' own ValueErrors become problems in _parse_line
+        message = "is not a usable path (it has a NUL byte or a character the file system can't store)"
+        report(Problem(path, None, None, message))
     else:
         if check.num_examples == 0 and not check.problems and not check.more_problems:
             report(_no_examples(path))
@@ -112,7 +118,7 @@ def _scan(f: BinaryIO, path: str) -> Iterator[tuple[int, str | None, dict | None
     for number, raw in _lines(f):
         if raw is not None and not raw.strip():
             continue
-        example, line_format, found = _parse_line(raw, number)
+        example, line_format, found = _parse_line(raw)
         if line_format and file_format is None:
             file_format, format_line = line_format, number
         elif line_format and line_format != file_format:
@@ -133,52 +139,117 @@ def _lines(f: BinaryIO) -> Iterator[tuple[int, bytes | None]]:
     number = 0
     while line := f.readline(MAX_LINE_BYTES + 1):
         number += 1
+        # Editors on Windows start a UTF-8 file with a byte order mark, and files joined with
+        # `cat` keep theirs mid-file; neither is an error.
+        line = line.removeprefix(codecs.BOM_UTF8)
         if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
             yield number, line
             continue
-        while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+        del line  # skip the rest in small reads, so at most one long read is held
+        while (rest := f.readline(2**20)) and not rest.endswith(b"\n"):
             pass
         yield number, None
 
 
-def _parse_line(
-    raw: bytes | None, number: int
-) -> tuple[dict | None, str | None, list[tuple[str | None, str]]]:
+def _parse_line(raw: bytes | None) -> tuple[dict | None, str | None, list[tuple[str | None, str]]]:
     """Returns (object, its format, problems as (field, message))."""
     if raw is None:
         return _bad_line(f"is longer than {MAX_LINE_BYTES // 2**20} MiB; is this file JSONL?")
     try:
-        # Editors on Windows start a UTF-8 file with a byte order mark; that is no error.
-        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return _bad_line(
             f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line is not UTF-8; "
             "save the file as UTF-8"
         )
     try:
-        obj = json.loads(text)
+        obj, duplicates = _loads(text)
     except json.JSONDecodeError as e:
         return _bad_line(
             f"is not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+        )
+    except RecursionError:  # the parser recurses once per level
+        return _bad_line("nests lists or objects too deeply to read (about 1000 levels); flatten it")
+    except ValueError:  # Python refuses to read longer integers, lest it stall on them
+        return _bad_line(
+            f"has a number of more than {sys.get_int_max_str_digits()} digits; write it as a string"
         )
     if not isinstance(obj, dict):
         return _bad_line(
             f"is {_json_type(obj)}, not a JSON object; each line must be an object like "
             f"{_PROMPT_COMPLETION_EXAMPLE} or {_CHAT_EXAMPLE}"
         )
+    found = _duplicate_problems(obj, duplicates)
     is_chat = "messages" in obj
     is_prompt_completion = "prompt" in obj or "completion" in obj
     if is_chat and is_prompt_completion:
         return _bad_line('has both "messages" and "prompt"/"completion"; keep one format\'s keys')
     if is_chat:
-        return obj, "chat", list(_chat_problems(obj["messages"]))
+        return obj, "chat", found + list(_chat_problems(obj["messages"]))
     if is_prompt_completion:
-        return obj, "prompt_completion", list(_prompt_completion_problems(obj))
-    keys = ", ".join(list(obj)[:5]) or "none"
+        return obj, "prompt_completion", found + list(_prompt_completion_problems(obj))
+    keys = ", ".join(json.dumps(_cut(key)) for key in list(obj)[:5]) or "none"
     return _bad_line(
         f'has neither "prompt"/"completion" nor "messages" (its keys: {keys}); '
         f"use {_PROMPT_COMPLETION_EXAMPLE} or {_CHAT_EXAMPLE}"
     )
+
+
+class _RepeatedKey(Exception):
+    """An object has a key twice: json.loads would keep the last value without a word."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        raise _RepeatedKey
+    return obj
+
+
+# One decoder for every line: json.loads with a hook builds a decoder per call, doubling its time.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def _loads(text: str) -> tuple[object, list[tuple[dict, str, int]]]:
+    """The line's JSON value, and (object, key, count) for each key an object has more than once."""
+    try:
+        return _DECODER.decode(text), []
+    except _RepeatedKey:  # rare: read the line again, noting each repeat
+        duplicates = []
+
+        def note_repeats(pairs: list[tuple[str, object]]) -> dict:
+            obj = dict(pairs)
+            if len(obj) < len(pairs):
+                counts = Counter(key for key, _ in pairs)
+                duplicates.extend((obj, key, count) for key, count in counts.items() if count > 1)
+            return obj
+
+        return json.loads(text, object_pairs_hook=note_repeats), duplicates
+
+
+def _duplicate_problems(root: dict, duplicates: list[tuple[dict, str, int]]) -> list[tuple[str, str]]:
+    """The first duplicated key of a line, named by its field, and how many more there are."""
+    if not duplicates:
+        return []
+    # Each container's parent and its key or index there; a loop, as nesting can be deep.
+    parents, stack = {}, [root]
+    while stack:
+        value = stack.pop()
+        for step, child in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(child, dict | list):
+                parents[id(child)] = value, step
+                stack.append(child)
+    obj, key, count = duplicates[0]
+    steps = [key]
+    while id(obj) in parents:
+        obj, step = parents[id(obj)]
+        steps.append(step)
+    steps.reverse()  # the root is an object, so the first step is a key
+    field = steps[0] + "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps[1:])
+    message = f"{json.dumps(_cut(key))} is in this object {count} times; JSON keeps only the last, so keep one"
+    if len(duplicates) > 1:
+        message += f" ({len(duplicates) - 1} more keys of this line are repeated in their object)"
+    return [(field, message)]
 
 
 def _bad_line(message: str) -> tuple[None, None, list[tuple[None, str]]]:
@@ -189,8 +260,8 @@ def _prompt_completion_problems(obj: dict) -> Iterator[tuple[str, str]]:
     for key in ("prompt", "completion"):
         if key not in obj:
             yield key, f'is missing; add "{key}": "..."'
-        elif not isinstance(obj[key], str):
-            yield key, f"must be a string, got {_json_type(obj[key])}"
+        elif problem := _text_problem(obj[key]):
+            yield key, problem
         elif key == "completion" and not obj[key].strip():
             yield key, "is empty; write the answer to learn, or remove the line"
 
@@ -211,25 +282,45 @@ def _chat_problems(messages: object) -> Iterator[tuple[str, str]]:
         if "role" not in message:
             yield f"{field}.role", f"is missing; use one of: {roles}"
         elif role not in ROLES:
-            yield f"{field}.role", f"is {json.dumps(role)}; use one of: {roles}"
+            shown = json.dumps(_cut(role)) if isinstance(role, str) else _json_type(role)
+            yield f"{field}.role", f"is {shown}; use one of: {roles}"
         elif i == 0 and role == "assistant":
             # Masking renders the turns before each reply; an opening reply has none.
             yield f"{field}.role", 'is "assistant"; start with the message it answers'
         if "content" not in message:
             yield f"{field}.content", 'is missing; add "content": "..."'
-        elif not isinstance(content, str):
-            yield f"{field}.content", f"must be a string, got {_json_type(content)}"
+        elif problem := _text_problem(content):
+            yield f"{field}.content", problem
         elif role == "assistant" and not content.strip():
             yield f"{field}.content", "is an empty reply; write the reply to learn or remove it"
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         yield "messages", "has no assistant reply to learn; add the reply the model should give"
 
 
+def _text_problem(value: object) -> str | None:
+    """Why a prompt, completion or content value is not text a tokenizer takes; None if it is."""
+    if not isinstance(value, str):
+        return f"must be a string, got {_json_type(value)}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON can escape half a surrogate pair ("\\ud83d"), no character
+        return (
+            f"has \\u{ord(value[e.start]):04x} at character {e.start + 1}, half of an emoji or other "
+            "character whose other half is missing; re-export the file as UTF-8"
+        )
+    return None
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    """Text short enough to quote in a message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _json_type(value: object) -> str:
     if isinstance(value, bool):
         return "true/false"
     if isinstance(value, int | float):
-        return f"the number {value}"
+        return f"the number {_cut(str(value))}"
     names = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
     return names[type(value)]
 

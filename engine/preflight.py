@@ -1,6 +1,7 @@
 """Every configuration and data problem, found at once, before any model loads."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -20,7 +21,10 @@ def _model_problems(config: TrainConfig) -> list[str]:
         return ["model_id: give a hub id (mistralai/Mistral-7B-Instruct-v0.2) or a local model folder"]
     if not _looks_like_path(config.model_id):
         return []
-    folder = Path(config.model_id).expanduser()
+    try:
+        folder = Path(config.model_id).expanduser()
+    except RuntimeError:  # "~name/..." for a user this machine does not have
+        return [f"model_id: {config.model_id} starts with an unknown user's home (~); write the full path"]
     if not folder.is_dir():
         return [f"model_id: the folder {folder} does not exist; check the path"]
     if not (folder / "config.json").exists():
@@ -35,9 +39,12 @@ def _number_problems(config: TrainConfig) -> list[str]:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
             problems.append(f"{name}: must be a positive whole number, got {value}")
+    # Written so that nan fails each test too: "nan" and "inf" parse as floats.
     for name in ("learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps"):
-        if getattr(config, name) <= 0:
-            problems.append(f"{name}: must be greater than 0, got {getattr(config, name)}")
+        if not 0 < getattr(config, name) < math.inf:
+            problems.append(f"{name}: must be a number greater than 0, got {getattr(config, name)}")
+    if not 0 <= config.weight_decay < math.inf:
+        problems.append(f"weight_decay: must be 0 or more, got {config.weight_decay}")
     if not 0 <= config.eval_size < 1 and not (config.eval_size >= 1 and float(config.eval_size).is_integer()):
         problems.append(
             f"eval_size: use a fraction in [0, 1) or a whole number of examples, got {config.eval_size}"
@@ -103,10 +110,10 @@ def _package_problems(config: TrainConfig) -> list[str]:
 
 
 def _data_problems(config: TrainConfig) -> list[str]:
-    problems = []
+    problems = [] if config.train_data else ["train_data: give the path of a JSONL file of examples"]
     for name in ("train_data", "eval_data"):
         path = getattr(config, name)
-        if path is None:
+        if not path:
             continue
         check = check_jsonl(path)
         problems += [f"{name}: {p}" for p in check.problems]

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,23 @@ def write_jsonl(path: Path, rows: list) -> Path:
             f.write(row if isinstance(row, str) else json.dumps(row))
             f.write("\n")
     return path
+
+
+# Peak RSS from /proc's VmHWM: getrusage's ru_maxrss survives exec, so a child forked from a big
+# pytest process would report the parent's peak.
+PEAK_MB = """
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+
+def run_python(code: str, *args: str, env: dict | None = None) -> dict:
+    """Runs `code` in a fresh Python from the repo root; returns the JSON line it prints."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

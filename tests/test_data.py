@@ -80,7 +80,7 @@ REPLY = {"role": "assistant", "content": "Hello"}
         (PC, '{"prompt": "a", "completion": }', None, ["not valid JSON", "column 31"]),
         (PC, '["a", "b"]', None, ["is a list, not a JSON object", '{"prompt"']),
         (PC, '"just text"', None, ["is a string, not a JSON object"]),
-        (PC, {"text": "hi", "label": 1}, None, ["neither", "text, label", '"messages"']),
+        (PC, {"text": "hi", "label": 1}, None, ["neither", '"text", "label"', '"messages"']),
         (PC, {"prompt": "a", "messages": []}, None, ["both", "one format"]),
         (PC, {"prompt": "a"}, "completion", ["missing", '"completion": "..."']),
         (PC, {"completion": "a"}, "prompt", ["missing", '"prompt": "..."']),

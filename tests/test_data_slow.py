@@ -2,26 +2,13 @@
 and reports its own peak RSS."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import PEAK_MB, run_python
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# Peak RSS from /proc's VmHWM: getrusage's ru_maxrss survives exec, so a child forked from a big
-# pytest process would report the parent's peak.
-PEAK_MB = """
-def peak_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-"""
 
 CHECK = PEAK_MB + """
 import json, sys
@@ -56,16 +43,6 @@ print(json.dumps({
 """
 
 
-def _run(code: str, *args: str, env: dict | None = None) -> dict:
-    """Runs `code` in a fresh Python from the repo root; returns the JSON line it prints."""
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=300, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
-
-
 def _write_jsonl(path: Path, size: int, chars_per_line: int) -> int:
     """Writes about `size` bytes of examples, 1000 lines over and over; returns their count."""
     rows = [
@@ -87,7 +64,7 @@ def test_check_jsonl_of_a_1gb_file_stays_small(tmp_path):
     with open(path, "ab") as f:  # one bad line at the end: the line count must be exact
         f.write(b'{"prompt": "last", "completion": ""}\n')
     start = time.monotonic()
-    result = _run(CHECK, str(path))
+    result = run_python(CHECK, str(path))
     print(f"check_jsonl, {path.stat().st_size / 2**30:.2f} GiB: {time.monotonic() - start:.1f} s, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB")  # fmt: skip
     assert result["num_examples"] == count
@@ -101,7 +78,7 @@ def test_streamed_training_data_stays_small(tmp_path, tokenizer_dir):
     path = tmp_path / "stream.jsonl"
     count = _write_jsonl(path, 64 * 2**20, chars_per_line=4000)
     start = time.monotonic()
-    result = _run(STREAM, str(path), str(tokenizer_dir), env={"HF_DATASETS_CACHE": str(tmp_path)})
+    result = run_python(STREAM, str(path), str(tokenizer_dir), env={"HF_DATASETS_CACHE": str(tmp_path)})
     print(f"streamed build + one pass over {count} examples: {time.monotonic() - start:.1f} s, "
           f"RSS growth {result['growth_mb']:.0f} MB over {result['before_mb']:.0f} MB")  # fmt: skip
     assert result["num_train_examples"] == result["seen"] == count - 10
