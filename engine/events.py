@@ -39,6 +39,21 @@ class EventWriter:
         self.enabled = enabled
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._end_partial_line()
+
+    def _end_partial_line(self) -> None:
+        """A writer killed mid-line (a run resumed after a SIGKILL) left a partial last line. Ending it
+        makes it one bad line that readers skip; else our first event would be glued to it and lost."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                os.write(fd, b"\n")
+        finally:
+            os.close(fd)
 
     def write(self, event: str, **fields: Any) -> None:
         if not self.enabled:

@@ -26,8 +26,8 @@ import bisect
 from collections.abc import Sequence
 
 import torch
-from transformers import Trainer
 
+from engine.checkpoints import AtomicCheckpointTrainer
 from engine.config import TrainConfig
 
 
@@ -105,7 +105,7 @@ class StepCollator:
 _IDLE_PASS = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.full((1, 1), -100)}
 
 
-class StepPackingTrainer(Trainer):
+class StepPackingTrainer(AtomicCheckpointTrainer):
     """Runs each step's passes (StepCollator) as gradient accumulation runs micro-batches."""
 
     def training_step(self, model, inputs: dict, num_items_in_batch=None):

@@ -8,6 +8,7 @@
 each after a `failed` event that says what happened and what to do.
 """
 
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,9 @@ EXIT_PREFLIGHT = 2
 # What a rank sees when another rank dies mid-collective (gloo on CPU, NCCL on GPUs).
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
              "NCCL communicator was aborted")
+# A full disk, as Python and safetensors report it, and as torch.save's zip writer does (it drops
+# the errno: "unexpected pos 576 vs 534" on a full tmpfs, torch 2.13).
+DISK_FULL = ("No space left on device", "Disk quota exceeded", "file write failed", "unexpected pos")
 
 
 def _rank() -> int:
@@ -92,9 +96,11 @@ class Recipe:
         self.trainer = self._build_trainer()
 
     def _build_trainer(self):
-        from transformers import DataCollatorForSeq2Seq, Trainer
+        from transformers import DataCollatorForSeq2Seq
 
+        from engine import faults
         from engine.callbacks import EventsCallback, StopOnSignal
+        from engine.checkpoints import AtomicCheckpointTrainer
         from engine.packing import StepCollator, StepPackingTrainer, token_budget
         from engine.trainer_args import training_arguments
 
@@ -116,6 +122,7 @@ class Recipe:
                 },
             ),
             self.stop,
+            *faults.callbacks(),  # none unless a test plans a fault
         ]
         if config.mlfoundry_enable_reporting:
             from engine.tracking import TrueFoundryCallback
@@ -124,7 +131,7 @@ class Recipe:
         if config.packing:
             trainer_class, collator = StepPackingTrainer, StepCollator(token_budget(config))
         else:  # the seed's way: pad each micro-batch to its longest example, labels with -100
-            trainer_class = Trainer
+            trainer_class = AtomicCheckpointTrainer
             collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
         return trainer_class(
             model=self.model,
@@ -145,10 +152,15 @@ class Recipe:
 
     def save(self) -> None:
         from engine import model
+        from engine.checkpoints import publish_files, publish_folder, staged
 
-        self.trainer.save_model(self.config.output_dir)  # adapter (or full model) + tokenizer
-        if self.trainer.is_world_process_zero():
-            (self.output_dir / "finetune_config.json").write_text(json.dumps(self.resolved, indent=2))
+        # Written aside, then moved into place: a save cut short leaves no half adapter (engine/checkpoints.py).
+        with staged(self.output_dir, "final") as staging:
+            self.trainer.save_model(str(staging))  # adapter (or full model) + tokenizer
+            self.trainer.accelerator.wait_for_everyone()
+            if self.trainer.is_world_process_zero():
+                (staging / "finetune_config.json").write_text(json.dumps(self.resolved, indent=2))
+                publish_files(staging, self.output_dir)
         state = self.trainer.state
         if self.stop.stopped:
             self.events.write(
@@ -162,7 +174,10 @@ class Recipe:
             self.trainer.accelerator.wait_for_everyone()
             if self.trainer.is_world_process_zero():
                 del self.trainer.model, self.model  # free the training copy before loading a 16-bit base
-                merged_path = str(model.merge_adapter(self.config, self.output_dir, self.output_dir / "merged"))
+                with staged(self.output_dir, "merged") as staging:
+                    model.merge_adapter(self.config, self.output_dir, staging)
+                    publish_folder(staging, self.output_dir / "merged")
+                merged_path = str(self.output_dir / "merged")
         self.events.write(
             "finished",
             adapter_path=str(self.output_dir),
@@ -197,6 +212,13 @@ def _explain(exc: BaseException, config: TrainConfig) -> tuple[str, str]:
 
     if memory.is_out_of_memory(exc):
         return "The GPU ran out of memory.", memory.out_of_memory_hint(config)
+    if _is_disk_full(exc):
+        kept = config.save_total_limit or "0, which keeps all"
+        return (
+            "The disk ran out of space while the run was writing to it.",
+            f"Free space on the disk holding {config.output_dir}, or keep fewer checkpoints (save_total_limit, "
+            f"now {kept}); then resume the run: it continues from its last complete checkpoint.",
+        )
     if any(sign in str(exc) for sign in PEER_GONE):
         return (
             "Another process of this run stopped unexpectedly, so this one could not go on.",
@@ -213,6 +235,14 @@ def _explain(exc: BaseException, config: TrainConfig) -> tuple[str, str]:
         f"{type(exc).__name__}: {first_line}",
         "Read the log for the full error; fix the cause and start the run again.",
     )
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    while exc is not None:  # savers wrap the OSError in errors of their own
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(s in str(exc) for s in DISK_FULL):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
