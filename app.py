@@ -13,6 +13,7 @@ from pathlib import Path
 from engine.hardware import detect_hardware
 from ui.app import build_app, launch_kwargs
 from ui.common import Context
+from ui.hosting import auth_users, demo_limits_file, load_demo_limits
 
 
 def main() -> int:
@@ -26,15 +27,32 @@ def main() -> int:
         "FINETUNE_STUDIO_CACHE", str(Path.home() / ".cache" / "finetune-studio")),
                         help="the tiny offline model and files prepared for download")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    hosting = parser.add_argument_group("hosting", "several people on one app: each logs in and sees only their runs")
+    hosting.add_argument("--auth", action="append", metavar="USER:PASSWORD",
+                         help="require a login; repeat it or comma-separate users (env FINETUNE_STUDIO_AUTH). "
+                         "A flag shows in the process list: prefer --auth_file on a shared machine")
+    hosting.add_argument("--auth_file", default=os.environ.get("FINETUNE_STUDIO_AUTH_FILE"), metavar="FILE",
+                         help="a users file: one user:password a line, # comments (env FINETUNE_STUDIO_AUTH_FILE)")
+    hosting.add_argument("--demo", nargs="?", const="1", default=os.environ.get("FINETUNE_STUDIO_DEMO"),
+                         metavar="LIMITS_YAML", help="demo mode: the limits of demo.yaml, or of the file given "
+                         "(env FINETUNE_STUDIO_DEMO=1 or a file)")
     args = parser.parse_args()
 
+    try:
+        users = auth_users(args.auth or [os.environ.get("FINETUNE_STUDIO_AUTH", "")], args.auth_file)
+        limits_file = demo_limits_file(args.demo)
+        limits = load_demo_limits(limits_file) if limits_file else None
+    except ValueError as e:
+        parser.error(str(e))
+    if limits and not users:
+        print("Demo mode without --auth: every visitor is the same person, sees every run and gets one run "
+              "at a time between them all. Add --auth_file to give each their own.", file=sys.stderr)
     ctx = Context(runs_dir=Path(args.runs_dir).resolve(), cache_dir=Path(args.cache_dir).resolve(),
-                  hardware=detect_hardware())
+                  hardware=detect_hardware(), demo=limits, hosted=bool(users or limits))
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, share=args.share,
-        allowed_paths=[str(ctx.cache_dir / "downloads")], **launch_kwargs(),
+        server_name=args.host, server_port=args.port, share=args.share, auth=users or None, **launch_kwargs(ctx),
     )
     return 0
 

@@ -142,10 +142,18 @@ def _locked(runs_dir: Path) -> Iterator[None]:
 
 
 def _run_dir(run_id: str, runs_dir: Path) -> Path:
-    run_dir = (runs_dir / run_id).resolve()
-    if run_dir.parent != runs_dir.resolve() or not _state_path(run_dir).is_file():
-        raise KeyError(f"no run {run_id!r} in {runs_dir}")
-    return run_dir
+    """The folder of a run; KeyError for anything else (`..`, absolute paths, links out, NUL bytes)."""
+    try:
+        run_dir = (runs_dir / run_id).resolve()
+        if run_dir.parent == runs_dir.resolve() and _state_path(run_dir).is_file():
+            return run_dir
+    except (OSError, ValueError):  # a name too long, or with a NUL byte
+        pass
+    raise KeyError(f"no run {run_id!r} in {runs_dir}")
+
+
+def _read_all(runs_dir: Path) -> list[RunInfo]:
+    return [_read(p.parent) for p in runs_dir.glob("*/state.json")]
 
 
 # ---------------------------------------------------------------- processes
@@ -263,14 +271,26 @@ def _reconcile(info: RunInfo) -> bool:
     return True
 
 
+def _queue(runs: list[RunInfo]) -> list[RunInfo]:
+    """The queued runs in the order they start: round-robin over owners, each owner's oldest first,
+    so one person's many runs never hold everyone else back."""
+    queued = sorted((r for r in runs if r.status == "queued"), key=lambda r: r.created_at)
+    turns: dict[str | None, int] = {}
+    keys = []
+    for info in queued:
+        turns[info.owner] = turns.get(info.owner, 0) + 1
+        keys.append((turns[info.owner], info.created_at))
+    return [info for _, info in sorted(zip(keys, queued, strict=True), key=lambda pair: pair[0])]
+
+
 def _schedule(runs_dir: Path) -> list[RunInfo]:
     """Reconciles every run and starts queued ones whose GPUs are free. Call under _locked."""
-    runs = [_read(p.parent) for p in runs_dir.glob("*/state.json")]
+    runs = _read_all(runs_dir)
     for info in runs:
         if _reconcile(info):
             _save(info)
     busy = _busy_gpus(runs)
-    for info in sorted((r for r in runs if r.status == "queued"), key=lambda r: r.created_at):
+    for info in _queue(runs):
         if busy.isdisjoint(info.gpus):
             argv, env = json.loads((info.run_dir / "argv.json").read_text())
             _spawn(info, argv, env)
@@ -360,6 +380,21 @@ def run_status(run_id: str, runs_dir: str | Path = "runs") -> RunInfo:
     with _locked(runs_dir):
         _schedule(runs_dir)
         return _read(run_dir)
+
+
+def queue_position(run_id: str, runs_dir: str | Path = "runs") -> int | None:
+    """1 if the run starts next on its GPUs, 2 after one other run, ...; None if it is not queued.
+
+    Read from the state files as the last schedule left them: cheap enough for every status tick.
+    """
+    runs_dir = Path(runs_dir).resolve()
+    _run_dir(run_id, runs_dir)
+    queue = _queue(_read_all(runs_dir))
+    mine = next((r for r in queue if r.run_id == run_id), None)
+    if mine is None:
+        return None
+    ahead = queue[: queue.index(mine)]
+    return 1 + sum(1 for r in ahead if not set(r.gpus).isdisjoint(mine.gpus))
 
 
 def list_runs(runs_dir: str | Path = "runs") -> list[RunInfo]:

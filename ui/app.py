@@ -6,20 +6,21 @@ launcher, and raise gr.Error with a sentence a person can act on.
 
 import dataclasses
 import json
-from pathlib import Path
 
 import gradio as gr
 
 from engine import launch
+from engine.config import from_dict
 from engine.data import check_jsonl
 from engine.events import read_events
-from engine.presets import load_preset, make_config
+from engine.presets import list_presets, load_preset, make_config
 from ui import data as data_step
 from ui import model as model_step
 from ui import playground as playground_step
 from ui import results as results_step
 from ui import train as train_step
-from ui.common import TINY_MODEL, Context, Session, owner_of
+from ui.common import TINY_MODEL, Context, Session, owned_run, owner_of
+from ui.hosting import allowed_data, check_start
 
 THEME = gr.themes.Soft(primary_hue="blue", secondary_hue="slate")
 CSS = """
@@ -31,19 +32,15 @@ CSS = """
 MAX_UPLOAD = "2gb"
 
 
-def launch_kwargs() -> dict:
-    """What `launch()` needs besides host and port (theme and css moved there in Gradio 6)."""
-    return dict(theme=THEME, css=CSS, max_file_size=MAX_UPLOAD, enable_monitoring=False, ssr_mode=False,
-                footer_links=["api"])
+def launch_kwargs(ctx: Context) -> dict:
+    """What `launch()` needs besides host, port and auth (theme and css moved there in Gradio 6).
 
-
-def allowed_data(path: str) -> str:
-    """A train_data path an API caller may use: a bundled example or a file uploaded to this app."""
-    resolved = Path(path).resolve()
-    roots = [data_step.EXAMPLES_DIR, Path(gr.utils.get_upload_folder()).resolve()]
-    if not any(resolved.is_relative_to(root) for root in roots) or not resolved.is_file():
-        raise gr.Error(f"{path}: use a bundled example or the path validate_data returned for an uploaded file")
-    return str(resolved)
+    No allowed_paths: Gradio serves only its own copies of the files handlers return. The runs and
+    the model cache are blocked besides, so no slip ever hands one of their files to a browser.
+    """
+    upload = int(ctx.demo.max_upload_mb * 1e6) if ctx.demo else MAX_UPLOAD  # bytes, as DemoLimits counts them
+    return dict(theme=THEME, css=CSS, max_file_size=upload, enable_monitoring=False, ssr_mode=False,
+                footer_links=["api"], run_history=False, blocked_paths=[str(ctx.runs_dir), str(ctx.cache_dir)])
 
 
 def _histogram(frame) -> gr.BarPlot:
@@ -55,6 +52,8 @@ def build_app(ctx: Context) -> gr.Blocks:
         session = gr.State(Session())
         gr.Markdown("# Finetune Studio\nTeach a language model from your own examples: a JSONL file in, "
                     "a trained adapter out. Go through the steps in order.")
+        if ctx.demo:
+            gr.Markdown(ctx.demo.markdown(), elem_id="demo-limits")
         with gr.Tabs() as tabs:
             with gr.Tab("1 · Data", id="data"):
                 data = data_step.build_data_step()
@@ -134,19 +133,20 @@ def build_app(ctx: Context) -> gr.Blocks:
             if s.train_data is None:
                 raise gr.Error("Check your data in step 1 first: Start needs a file with no problems.")
             try:
+                preset = load_preset(preset_name)
                 config = model_step.form_config(preset_name, ctx.model_path(model_id), s.train_data, max_length,
                                                 list(values))
-                info = launch.start_run(load_preset(preset_name), config, runs_dir=ctx.runs_dir,
-                                        owner=owner_of(request))
+                check_start(ctx, owner_of(request), preset, config)
+                info = launch.start_run(preset, config, runs_dir=ctx.runs_dir, owner=owner_of(request))
             except ValueError as e:
                 raise gr.Error(f"Could not start: {e}") from None
             s.watch(info.run_id)
             info, _ = train_step.follow(ctx, s)
             return s, *train_step.view(s, info)
 
-        def stop(s: Session) -> tuple:
+        def stop(s: Session, request: gr.Request) -> tuple:
             if s.run_id:
-                launch.stop_run(s.run_id, ctx.runs_dir)
+                launch.stop_run(owned_run(ctx, s.run_id, request).run_id, ctx.runs_dir)
             info, _ = train_step.follow(ctx, s)
             return s, *train_step.view(s, info)
 
@@ -161,7 +161,9 @@ def build_app(ctx: Context) -> gr.Blocks:
             table, ids = results_step.runs_table(ctx, owner_of(request))
             return table, gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))
 
-        def show(run_id: str | None) -> tuple:
+        def show(run_id: str | None, request: gr.Request) -> tuple:
+            if run_id:
+                owned_run(ctx, run_id, request)
             shown = results_step.details(ctx, run_id)
             if run_id:  # small files: prepared now, so a click downloads at once
                 adapter, log = shown[1], shown[2]
@@ -171,17 +173,23 @@ def build_app(ctx: Context) -> gr.Blocks:
                     log["value"] = results_step.log_file(ctx, run_id)
             return shown
 
-        def watch(s: Session, run_id: str) -> tuple:
-            s.watch(run_id)
+        def prepare_merged(run_id: str, request: gr.Request) -> dict:
+            return gr.update(visible=True, value=results_step.merged_zip(ctx, owned_run(ctx, run_id, request).run_id))
+
+        def watch(s: Session, run_id: str, request: gr.Request) -> tuple:
+            s.watch(owned_run(ctx, run_id, request).run_id)
             info, _ = train_step.follow(ctx, s)
             return s, gr.Tabs(selected="train"), *train_step.view(s, info)
 
         def resume(s: Session, run_id: str, request: gr.Request) -> tuple:
+            info = owned_run(ctx, run_id, request)
             try:
+                config = json.loads((info.run_dir / "config.json").read_text())
+                check_start(ctx, info.owner, load_preset(config.pop("preset")), from_dict(config))
                 info = launch.resume_run(run_id, ctx.runs_dir)
             except ValueError as e:
-                raise gr.Error(str(e)) from None
-            return watch(s, info.run_id)
+                raise gr.Error(f"Could not resume: {e}") from None
+            return watch(s, info.run_id, request)
 
         results_outputs = [results.table, results.run]
         gr.on([results.refresh.click, results_tab.select], refresh, results.run, results_outputs,
@@ -189,8 +197,7 @@ def build_app(ctx: Context) -> gr.Blocks:
         results.run.change(show, results.run, [results.details, results.adapter, results.log, results.merged,
                                                results.merged_file, results.resume, results.watch],
                            api_visibility="private")
-        results.merged.click(lambda run_id: gr.update(visible=True, value=results_step.merged_zip(ctx, run_id)),
-                             results.run, results.merged_file, api_visibility="private")
+        results.merged.click(prepare_merged, results.run, results.merged_file, api_visibility="private")
         results.watch.click(watch, [session, results.run], [session, tabs, *train_outputs],
                             api_visibility="private")
         results.resume.click(resume, [session, results.run], [session, tabs, *train_outputs],
@@ -201,7 +208,14 @@ def build_app(ctx: Context) -> gr.Blocks:
             ids = playground_step.finished_runs(ctx, owner_of(request))
             return gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))
 
-        def ask(run_id: str, prompt: str, max_new_tokens: int, base: list, tuned: list) -> tuple:
+        def pick_to_try(run_id: str | None, request: gr.Request) -> tuple:
+            if run_id:
+                owned_run(ctx, run_id, request)
+            return [], [], playground_step.run_note(ctx, run_id)
+
+        def ask(run_id: str, prompt: str, max_new_tokens: int, base: list, tuned: list, request: gr.Request) -> tuple:
+            if run_id:
+                owned_run(ctx, run_id, request)
             try:
                 answers = playground_step.answer(ctx, run_id, prompt, max_new_tokens)
             except ValueError as e:
@@ -212,8 +226,7 @@ def build_app(ctx: Context) -> gr.Blocks:
                     playground_step.run_note(ctx, run_id))
 
         try_tab.select(runs_to_try, play.run, play.run, api_visibility="private")
-        play.run.change(lambda run_id: ([], [], playground_step.run_note(ctx, run_id)), play.run,
-                        [play.base, play.tuned, play.note], api_visibility="private")
+        play.run.change(pick_to_try, play.run, [play.base, play.tuned, play.note], api_visibility="private")
         gr.on([play.send.click, play.prompt.submit], ask,
               [play.run, play.prompt, play.max_new_tokens, play.base, play.tuned],
               [play.prompt, play.base, play.tuned, play.note], api_visibility="private",
@@ -253,39 +266,38 @@ def _register_api(ctx: Context) -> None:
                   request: gr.Request = None) -> dict:
         """Starts a run: train_data from validate_data (or a bundled example's path), a preset name,
         a model (hub id, folder, or the tiny offline model), and engine flags in `settings`."""
-        path = allowed_data(train_data)
+        try:
+            path = allowed_data(train_data)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
         if not check_jsonl(path).ok:
             raise gr.Error(f"{train_data} has problems; call validate_data to list them")
+        names = [p.name for p in list_presets()]
+        if preset not in names:  # a name, never the path of some YAML on the server
+            raise gr.Error(f"No preset {preset!r}; the presets are {', '.join(names)}")
         try:
             chosen = load_preset(preset)
             config = make_config(chosen, **(settings or {}), model_id=ctx.model_path(model),
                                             train_data=path)
+            check_start(ctx, owner_of(request), chosen, config)
             info = launch.start_run(chosen, config, runs_dir=ctx.runs_dir, owner=owner_of(request))
         except ValueError as e:
             raise gr.Error(f"Could not start: {e}") from None
         return info.to_json()
 
-    def _owned(run_id: str, request: gr.Request | None) -> launch.RunInfo:
-        try:
-            info = launch.run_status(run_id, ctx.runs_dir)
-        except KeyError:
-            info = None
-        if info is None or info.owner != owner_of(request):
-            raise gr.Error(f"No run {run_id!r}; list_runs shows yours")
-        return info
-
     def run_status(run_id: str, events_offset: int = 0, request: gr.Request = None) -> dict:
-        """A run's state, and the events appended since byte `events_offset` (pass the returned
-        `events_offset` next time), each as one JSON string, as in events.jsonl."""
-        info = _owned(run_id, request)
+        """A run's state, its place in the queue while it waits (1: next), and the events appended
+        since byte `events_offset` (pass the returned `events_offset` next time), each as one JSON
+        string, as in events.jsonl."""
+        info = owned_run(ctx, run_id, request)
         events, offset = read_events(info.run_dir / "events.jsonl", events_offset)
         # Strings, not objects: gradio_client downloads any object with a "path" key (checkpoint events).
-        return {**info.to_json(), "events": [json.dumps(e) for e in events], "events_offset": offset}
+        return {**info.to_json(), "queue_position": launch.queue_position(info.run_id, ctx.runs_dir),
+                "events": [json.dumps(e) for e in events], "events_offset": offset}
 
     def stop_run(run_id: str, request: gr.Request = None) -> dict:
         """Stops a run: every process of it, after a checkpoint when it can save one."""
-        _owned(run_id, request)
-        return launch.stop_run(run_id, ctx.runs_dir).to_json()
+        return launch.stop_run(owned_run(ctx, run_id, request).run_id, ctx.runs_dir).to_json()
 
     def list_runs(request: gr.Request = None) -> list[dict]:
         """Your runs, newest first."""

@@ -4,16 +4,20 @@ Session state is a small dataclass held in `gr.State`, one per browser tab. A ru
 the truth: a Session only remembers which run the tab watches and how far it has read.
 """
 
+import functools
 import json
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
+from engine import launch
 from engine.hardware import Hardware
 from engine.memory import ModelShape
 from engine.tiny_model import build_tiny_model
+from ui.hosting import DemoLimits
 
 TINY_MODEL = "tiny (offline test model)"
 
@@ -55,12 +59,26 @@ class Context:
     """Server-wide settings, fixed when the app starts."""
 
     runs_dir: Path
-    cache_dir: Path  # the tiny model and zips for download
+    cache_dir: Path  # the tiny offline model
     hardware: Hardware
+    demo: DemoLimits | None = None  # demo mode's limits (--demo)
+    hosted: bool = False  # people share this app (--auth or --demo): a form may name none of the server's files
     _tiny_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @functools.cached_property
+    def downloads_dir(self) -> Path:
+        """Zips and logs prepared for download. Gradio copies a file it is handed into its own cache,
+        under a secret content hash, and serves only that copy: this folder is no allowed path, so no
+        URL reaches what it holds, and another person cannot guess the copy's URL."""
+        return Path(tempfile.mkdtemp(prefix="finetune-studio-downloads-"))
+
     def model_path(self, model: str) -> str:
-        """The model_id to train or load: the tiny model is built on first use, offline."""
+        """The model_id to train or load: the tiny model is built on first use, offline.
+
+        In demo mode only the allowed models: ValueError for any other name or path.
+        """
+        if self.demo is not None:
+            self.demo.check_model(model)
         if model != TINY_MODEL:
             return model.strip()
         folder = self.cache_dir / "tiny-mistral"
@@ -103,6 +121,7 @@ class Session:
     events_offset: int = 0
     log_offset: int = 0
     status: str | None = None
+    queue_position: int | None = None  # while queued: 1 starts next
     total_steps: int | None = None
     started_at: float | None = None
     points: list[dict] = field(default_factory=list)  # step, loss, split: the loss plot
@@ -122,3 +141,15 @@ def owner_of(request: gr.Request | None) -> str | None:
     The hook for multi-user isolation: runs are started with this owner and listed by it.
     """
     return getattr(request, "username", None) if request is not None else None
+
+
+def owned_run(ctx: Context, run_id: str | None, request: gr.Request | None) -> launch.RunInfo:
+    """The run if the person asking owns it. Another person's run is "not found", in the very words
+    of a missing one, so a request tells nothing about runs that are not yours."""
+    try:
+        info = launch.run_status(str(run_id), ctx.runs_dir)
+    except KeyError:
+        info = None
+    if info is None or info.owner != owner_of(request):
+        raise gr.Error(f"No run {run_id!r}: pick one of yours in Results (or list_runs).")
+    return info

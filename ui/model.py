@@ -82,8 +82,12 @@ def preset_defaults(preset: Preset) -> TrainConfig:
     return make_config(preset)
 
 
-def model_choices() -> list[tuple[str, str]]:
-    return [(f"{m.id} · {m.size}" if m.id != TINY_MODEL else f"Tiny offline model · {m.size}", m.id) for m in CURATED]
+def model_choices(ctx: Context) -> list[tuple[str, str]]:
+    """The curated models; in demo mode, the allowed ones only."""
+    curated = {m.id: f"{m.id} · {m.size}" if m.id != TINY_MODEL else f"Tiny offline model · {m.size}" for m in CURATED}
+    if ctx.demo is not None:
+        return [(curated.get(model, model), model) for model in ctx.demo.models]
+    return [(text, model) for model, text in curated.items()]
 
 
 def hardware_markdown(ctx: Context) -> tuple[str, Preset]:
@@ -109,13 +113,17 @@ def build_model_step(ctx: Context) -> ModelStep:
     text, recommended = hardware_markdown(ctx)
     defaults = preset_defaults(recommended)
     hardware = gr.Markdown(text, elem_id="hardware")
+    choices = model_choices(ctx)
+    default = TINY_MODEL if not ctx.hardware.gpus else "mistralai/Mistral-7B-Instruct-v0.2"
+    if default not in [model for _, model in choices]:
+        default = choices[0][1]
     with gr.Row():
         with gr.Column(scale=3):
             model = gr.Dropdown(
-                choices=model_choices(),
-                value=TINY_MODEL if not ctx.hardware.gpus else "mistralai/Mistral-7B-Instruct-v0.2",
-                allow_custom_value=True, label="Base model",
-                info="Pick one, or type any Hugging Face model id (org/name) or a folder on this machine.",
+                choices=choices, value=default,
+                allow_custom_value=ctx.demo is None, label="Base model",
+                info="Pick one, or type any Hugging Face model id (org/name) or a folder on this machine."
+                if ctx.demo is None else "This demo trains these models only.",
             )
             preset = gr.Radio(
                 choices=[(p.title, p.name) for p in presets], value=recommended.name, label="Preset",

@@ -86,8 +86,9 @@ def answer(ctx: Context, run_id: str, prompt: str, max_new_tokens: int) -> dict:
     gpus = info.gpus[:1]  # one GPU is enough to answer
     busy = gpu_in_use(ctx, gpus)
     if busy:
-        raise ValueError(f"Training run {busy} is using the GPU this model needs. Try again when it ends "
-                         "(or stop it in step 3); answering now would slow it down or run it out of memory.")
+        # Not named: it may be another person's run, and run ids stay secret.
+        raise ValueError("A training run is using the GPU this model needs. Try again when it ends (or stop "
+                         "yours in step 3); answering now would slow it down or run it out of memory.")
     train_data = config["train_data"]
     chat = _is_chat(train_data, os.path.getmtime(train_data)) if os.path.isfile(train_data) else True
     argv = [sys.executable, "-m", "engine.chat", "--model_id", config["model_id"],

@@ -110,8 +110,9 @@ def details(ctx: Context, run_id: str | None) -> tuple:
 
 
 def _export_dir(ctx: Context, run_id: str) -> Path:
-    """Files for download are written outside the runs folder, so only they are ever served."""
-    folder = ctx.cache_dir / "downloads" / run_id
+    """Files for download are written outside the runs folder, so only they are ever served (as
+    Gradio's copies: see Context.downloads_dir)."""
+    folder = ctx.downloads_dir / run_id
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from engine.events import read_events
-from engine.launch import ACTIVE, RunInfo, list_runs, run_status
+from engine.launch import ACTIVE, RunInfo, list_runs, queue_position, run_status
 from ui.common import Context, Session
 
 POLL_S = 1.0
@@ -82,8 +82,9 @@ def _duration(seconds: float) -> str:
 def follow(ctx: Context, session: Session) -> tuple[RunInfo, bool]:
     """Reads what the watched run appended since the last call into `session`; True if anything changed."""
     info = run_status(session.run_id, ctx.runs_dir)
-    changed = info.status != session.status
-    session.status = info.status
+    position = queue_position(info.run_id, ctx.runs_dir) if info.status == "queued" else None
+    changed = info.status != session.status or position != session.queue_position
+    session.status, session.queue_position = info.status, position
     events, session.events_offset = read_events(info.run_dir / "events.jsonl", session.events_offset)
     for event in events:
         kind = event["event"]
@@ -149,7 +150,7 @@ def view(session: Session, info: RunInfo | None) -> tuple:
     return (
         gr.update(interactive=not live and session.train_data is not None),
         gr.update(interactive=info.status in ("queued", "running")),
-        status_line(info),
+        status_line(info, session.queue_position),
         progress_html(step, total, eta),
         " · ".join(metrics),
         _frame(session.points, "train"),
@@ -159,9 +160,10 @@ def view(session: Session, info: RunInfo | None) -> tuple:
     )
 
 
-def status_line(info: RunInfo) -> str:
+def status_line(info: RunInfo, queue_position: int | None = None) -> str:
     words = {
-        "queued": "… Waiting for the GPU: another run is using it; this one starts when it ends.",
+        "queued": f"… Waiting for the GPU: number {queue_position or 1} in the queue. It starts when the runs "
+        "ahead of it end; you can close this page meanwhile.",
         "running": "Training…",
         "stopping": "■ Stopping: saving a checkpoint, then ending every process of the run…",
         "stopped": "■ Stopped. You can resume it from the Results step.",
