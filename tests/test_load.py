@@ -1,0 +1,23 @@
+"""The load benchmark at CI size: 20 clients follow a live run for 15 s while another user validates uploads."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from ui_helpers import REPO
+
+
+@pytest.mark.slow
+def test_twenty_followers_and_an_uploader_are_answered_within_the_bar():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.load", "--clients", "20", "--seconds", "15"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 5, done.stdout + done.stderr[-3000:]
+    _, status, validate, end, verdict = lines
+    assert status["calls"] >= 20 * 15 / 2, status  # each follower got at least every other 1 s tick
+    assert status["events_received_min"] > 0  # and each one saw the run's events arrive
+    assert validate["calls"] >= 2, validate
+    assert end["run_status_at_end"] == "running" and end["cpu"]["app_mean_percent"] > 0
+    assert verdict["passed"], (verdict["missed"], lines)
+    assert done.returncode == 0
