@@ -102,11 +102,11 @@ def _texts(sp, lengths: np.ndarray, rng: np.random.Generator) -> list[str]:
 def prepare() -> None:
     import sentencepiece
 
-    from engine.tiny_model import MISTRAL_SPM, write_mistral_tokenizer
+    from engine.tiny_model import mistral_spm, write_mistral_tokenizer
 
     BENCH.mkdir(exist_ok=True)
     write_mistral_tokenizer(BENCH / "tokenizer")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(MISTRAL_SPM))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_spm()))
     rng = np.random.default_rng(SEED)
     for name, (n_train, n_eval) in SETS.items():
         n = n_train + n_eval

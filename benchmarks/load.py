@@ -223,16 +223,16 @@ def measure(url: str, runs_dir: Path, app_pid: int, args: argparse.Namespace) ->
     ]
 
 
-def verdict(lines: list[dict]) -> dict:
+def verdict(lines: list[dict], bar: dict) -> dict:
     status, validate, end = lines[1], lines[2], lines[3]["run_status_at_end"]
     missed = [f"{name} {value} >= {limit}" for name, value, limit in (
-        ("run_status_p95_ms", status["p95_ms"], BAR["run_status_p95_ms"]),
-        ("validate_data_p95_ms", validate["p95_ms"], BAR["validate_data_p95_ms"]),
+        ("run_status_p95_ms", status["p95_ms"], bar["run_status_p95_ms"]),
+        ("validate_data_p95_ms", validate["p95_ms"], bar["validate_data_p95_ms"]),
     ) if not value < limit]  # a NaN (no answer at all) misses too
     missed += [f"{line['endpoint']}: {line['errors']} failed calls" for line in (status, validate) if line["errors"]]
     if end not in LIVE:
         missed.append(f"the run was {end} at the end, not live")
-    return {"bar": BAR, "passed": not missed, "missed": missed}
+    return {"bar": bar, "passed": not missed, "missed": missed}
 
 
 def main() -> int:
@@ -243,6 +243,8 @@ def main() -> int:
     parser.add_argument("--validate_every_s", type=float, default=5.0)
     parser.add_argument("--validate_examples", type=int, default=1000, help="lines in each uploaded file")
     parser.add_argument("--max_steps", type=int, default=100_000, help="the run's length: beyond the test's end")
+    parser.add_argument("--status_p95_ms", type=float, default=BAR["run_status_p95_ms"],
+                        help="the bar for run_status (CI's smoke test sets a looser one: its machine is shared)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="load-") as tmp:
@@ -257,7 +259,7 @@ def main() -> int:
             psutil.wait_procs(run, timeout=30)
             app.terminate()
             app.wait(30)
-    lines.append(verdict(lines))
+    lines.append(verdict(lines, {**BAR, "run_status_p95_ms": args.status_p95_ms}))
     for line in lines:
         print(json.dumps(line), flush=True)
     return 0 if lines[-1]["passed"] else 1

@@ -8,7 +8,10 @@ of benchmarks/bench.py, with a Mistral-7B-shaped model of random bf16 weights bu
 It prints one JSON line per case: trained tokens/s (rank 0's events, after WARMUP_STEPS), peak
 allocated GiB on rank 0, and per GPU the peak memory used and mean utilisation sampled from
 nvidia-smi every half second. `stop` stops a 2-GPU run mid-way, checks that no process and no GPU
-memory is left, resumes it and checks the step count goes on.
+memory is left, resumes it and checks the step count goes on. `ui` starts `python app.py` and does
+what a script (or the browser's buttons) does through its API: upload and check the data, start a
+run of the ddp preset on every GPU, follow it, stop it; Gradio must be importable (GPU.md: carry
+its wheels, `.whl-ui/`, and install them on the machine).
 """
 
 import json
@@ -25,6 +28,7 @@ from engine.presets import load_preset, make_config
 
 RUNS = Path("/tmp/runs")
 WARMUP_STEPS = 2
+UI_PRESET = "ddp"  # every GPU of the machine
 STEPS = 10
 # name: (preset, GPUs, engine flags over the preset's)
 CASES = {
@@ -34,6 +38,8 @@ CASES = {
     "ddpq-1": ("ddp", [0], {"use_qlora": True}),
     "ddpq-2": ("ddp", [0, 1], {"use_qlora": True}),
     "ddp-2": ("ddp", [0, 1], {}),
+    "z2-4": ("qlora-zero2", [0, 1, 2, 3], {}),
+    "ddpq-4": ("ddp", [0, 1, 2, 3], {"use_qlora": True}),
     "fp16-1": ("fp16-v100-t4", [0], {}),
 }
 
@@ -126,13 +132,70 @@ def stop_and_resume() -> dict:
     return result
 
 
+def through_the_app() -> dict:
+    """A run started, followed and stopped through the web app's API, on every GPU."""
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    runs = RUNS / "app"
+    RUNS.mkdir(parents=True, exist_ok=True)
+    log = open(RUNS / "app.log", "w")  # noqa: SIM115 - open for the app's lifetime
+    app = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs_dir", str(runs),
+                            "--cache_dir", "/tmp/app-cache"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception as e:  # noqa: BLE001 - not listening yet
+                if time.time() > deadline or app.poll() is not None:
+                    tail = (RUNS / "app.log").read_text()[-3000:]
+                    raise RuntimeError(f"the app did not answer (exit {app.poll()}): {tail}") from e
+                time.sleep(2)
+        checked = client.predict(handle_file(str(BENCH / "realistic-train.jsonl")), str(MODEL), 2048,
+                                 api_name="/validate_data")
+        gpus = len(GpuSampler.sample())
+        run = client.predict(checked["train_data"], UI_PRESET, str(MODEL),
+                             {"use_qlora": True, "max_steps": 200, "train_on_prompt": True, "seed": 0},
+                             api_name="/start_run")
+        sampler = GpuSampler()
+        sampler.start()
+        offset, steps = 0, []
+        while len(steps) < 4:
+            status = client.predict(run["run_id"], offset, api_name="/run_status")
+            offset = status["events_offset"]
+            steps += [e["step"] for e in map(json.loads, status["events"]) if e["event"] == "log"]
+            if status["status"] not in ACTIVE:
+                break
+            time.sleep(1)
+        stopped = client.predict(run["run_id"], api_name="/stop_run")
+        while (status := client.predict(run["run_id"], offset, api_name="/run_status"))["status"] in ACTIVE:
+            time.sleep(1)
+        sampler.running = False
+        time.sleep(2)
+        return {"case": "ui", "gpus": gpus, "validated": checked["ok"], "examples": checked["num_examples"],
+                "logged_steps_before_stop": steps, "stop_answer": stopped["status"], "final_status": status["status"],
+                "processes_left": len(run_processes(run_status(run["run_id"], runs))),
+                "gpu_used_gib_after_stop": [round(m, 2) for m, _ in GpuSampler.sample()],
+                "command": run["command"]} | sampler.summary(list(range(gpus)))
+    finally:
+        app.terminate()
+        app.wait(30)
+
+
 def main() -> None:
     names = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "run" else list(CASES)
     if not (MODEL / "config.json").exists():
         build_model()
     for name in names:
         try:
-            print(json.dumps(stop_and_resume() if name == "stop" else measure(name)), flush=True)
+            special = {"stop": stop_and_resume, "ui": through_the_app}
+            print(json.dumps(special[name]() if name in special else measure(name)), flush=True)
         except Exception as e:  # noqa: BLE001 - one failed case must not hide the others' numbers
             print(json.dumps({"case": name, "error": repr(e)}), flush=True)
 

@@ -8,17 +8,22 @@ import json
 import shutil
 from pathlib import Path
 
-import mistral_common
 
-# Mistral-7B's SentencePiece model ships inside the mistral_common wheel.
-MISTRAL_SPM = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+def mistral_spm() -> Path:
+    """Mistral-7B's SentencePiece model, which ships inside the mistral_common wheel.
+
+    Imported when needed, not with the app: a GPU server without mistral_common still serves.
+    """
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
 def write_mistral_tokenizer(folder: str | Path) -> Path:
     """Writes Mistral-7B's tokenizer into `folder`; AutoTokenizer converts it to a fast one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(MISTRAL_SPM, folder / "tokenizer.model")
+    shutil.copy(mistral_spm(), folder / "tokenizer.model")
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "bos_token": "<s>",
