@@ -7,6 +7,7 @@ from pathlib import Path
 
 from engine.hardware import Hardware
 from engine.launch import list_runs, run_processes
+from ui import chat_worker
 from ui.app import build_app, launch_kwargs
 from ui.common import Context
 from ui.hosting import DemoLimits
@@ -35,6 +36,7 @@ def running_app(runs_dir: Path, cache_dir: Path, auth: list[tuple[str, str]] | N
         yield app.local_url
     finally:
         app.close()
+        chat_worker.release()  # the playground's models, as the app's exit would
         for info in list_runs(runs_dir):  # a failed test must not leave a run training behind it
             for process in run_processes(info):
                 process.kill()

@@ -140,6 +140,7 @@ def build_app(ctx: Context) -> gr.Blocks:
                 info = launch.start_run(preset, config, runs_dir=ctx.runs_dir, owner=owner_of(request))
             except ValueError as e:
                 raise gr.Error(f"Could not start: {e}") from None
+            playground_step.release_gpus(info.gpus)
             s.watch(info.run_id)
             info, _ = train_step.follow(ctx, s)
             return s, *train_step.view(s, info)
@@ -189,6 +190,7 @@ def build_app(ctx: Context) -> gr.Blocks:
                 info = launch.resume_run(run_id, ctx.runs_dir)
             except ValueError as e:
                 raise gr.Error(f"Could not resume: {e}") from None
+            playground_step.release_gpus(info.gpus)
             return watch(s, info.run_id, request)
 
         results_outputs = [results.table, results.run]
@@ -283,6 +285,7 @@ def _register_api(ctx: Context) -> None:
             info = launch.start_run(chosen, config, runs_dir=ctx.runs_dir, owner=owner_of(request))
         except ValueError as e:
             raise gr.Error(f"Could not start: {e}") from None
+        playground_step.release_gpus(info.gpus)
         return info.to_json()
 
     def run_status(run_id: str, events_offset: int = 0, request: gr.Request = None) -> dict:

@@ -1,21 +1,21 @@
 """Step 5: try it. The same prompt answered by the base model and by the base model with a run's
-adapter, side by side. The models load in a subprocess (engine.chat), never in the web process,
-and not while a training run holds the GPU the playground would use."""
+adapter, side by side. The models load in a worker process (ui/chat_worker.py), never in the web
+process, and not while a training run holds the GPU the playground would use."""
 
 import functools
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import gradio as gr
 
 from engine.data import check_jsonl
-from engine.launch import REPO, list_runs, run_status
+from engine.launch import list_runs, run_status
+from ui import chat_worker
 from ui.common import TINY_MODEL, Context
 
-ANSWER_TIMEOUT_S = 600  # loading a 7B model from disk and answering fits well within this
+GPU_BUSY = ("A training run is using the GPU this model needs. Try again when it ends (or stop yours in step 3); "
+            "answering now would slow it down or run it out of memory.")
 
 
 @dataclass
@@ -84,26 +84,20 @@ def answer(ctx: Context, run_id: str, prompt: str, max_new_tokens: int) -> dict:
     info = run_status(run_id, ctx.runs_dir)
     config = json.loads((info.run_dir / "config.json").read_text())
     gpus = info.gpus[:1]  # one GPU is enough to answer
-    busy = gpu_in_use(ctx, gpus)
-    if busy:
+    if gpu_in_use(ctx, gpus):
+        release_gpus(gpus)  # a run that started without the app's knowing (a terminal, the queue)
         # Not named: it may be another person's run, and run ids stay secret.
-        raise ValueError("A training run is using the GPU this model needs. Try again when it ends (or stop "
-                         "yours in step 3); answering now would slow it down or run it out of memory.")
+        raise ValueError(GPU_BUSY)
     train_data = config["train_data"]
     chat = _is_chat(train_data, os.path.getmtime(train_data)) if os.path.isfile(train_data) else True
-    argv = [sys.executable, "-m", "engine.chat", "--model_id", config["model_id"],
-            "--adapter", str(info.run_dir / "output"), "--prompt", prompt, "--chat", str(chat).lower(),
-            "--max_new_tokens", str(int(max_new_tokens))]
-    if config.get("chat_template"):
-        argv += ["--chat_template", config["chat_template"]]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
-    try:
-        result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=ANSWER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise ValueError(
-            f"The models took more than {ANSWER_TIMEOUT_S} s to answer; try a shorter answer length."
-        ) from None
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-3:])
-        raise ValueError(f"The models could not be loaded or run: {tail}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    reply = chat_worker.ask(config["model_id"], str(info.run_dir / "output"), chat, config.get("chat_template"), gpus,
+                            {"prompt": prompt, "max_new_tokens": int(max_new_tokens)})
+    if "error" in reply:
+        raise ValueError(f"The models could not answer: {reply['error']}")
+    return reply
+
+
+def release_gpus(gpus: list[int]) -> None:
+    """Frees `gpus` for a training run: stops the playground's models if they sit on any of them.
+    Call it wherever a run starts or resumes; on the CPU (no GPUs) the models stay loaded."""
+    chat_worker.release(gpus)
