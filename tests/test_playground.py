@@ -26,8 +26,16 @@ TOKENS = 16
 
 
 def workers() -> list[psutil.Process]:
-    """This process's live engine.chat children."""
-    return [p for p in psutil.Process().children() if "engine.chat" in p.cmdline() and p.status() != "zombie"]
+    """This process's live engine.chat children (other tests may have left unreaped zombies, whose
+    command line cannot be read)."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "engine.chat" in child.cmdline():
+                found.append(child)
+        except psutil.Error:  # gone, or a zombie now
+            continue
+    return found
 
 
 def wait_for_worker() -> int:
