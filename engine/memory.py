@@ -208,6 +208,7 @@ def estimate_memory(
     lora_r: int = 32,
     batch_size: int = 1,
     max_length: int = 2048,
+    pack_tokens: int = 0,
     gradient_checkpointing: bool = True,
     num_gpus: int = 1,
     zero2: bool = False,
@@ -215,14 +216,17 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Per-GPU memory for training `shape` with these settings, and a verdict against `available_gib`.
 
-    A worst case: every micro-batch is taken as `batch_size` examples of `max_length` tokens.
+    A worst case: every forward pass full, `batch_size` examples of `max_length` tokens, or with
+    `pack_tokens` that many tokens (or one example of max_length, if longer).
     """
     settings = dict(qlora=qlora, peft=peft, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
                     num_gpus=num_gpus, zero2=zero2)
 
     def needed_with(changes: dict) -> tuple[float, dict[str, float]]:
-        merged = {**settings, "batch_size": batch_size, "max_length": max_length, **changes}
-        tokens = merged.pop("batch_size") * merged.pop("max_length")
+        merged = {**settings, "batch_size": batch_size, "max_length": max_length, "pack_tokens": pack_tokens,
+                  **changes}
+        batch, length, packed = merged.pop("batch_size"), merged.pop("max_length"), merged.pop("pack_tokens")
+        tokens = max(packed, length) if packed else batch * length
         parts = _parts(shape, tokens=tokens, **merged)
         return sum(parts.values()) * FRAGMENTATION + CUDA_CONTEXT_GIB, parts
 
@@ -241,6 +245,8 @@ def estimate_memory(
     # Levers, most effective first, applied one after another until the estimate fits the budget.
     budget = TIGHT_ABOVE * available_gib
     levers = [
+        (pack_tokens > batch_size * max_length, dict(pack_tokens=0),
+         f"lower pack_tokens (now {pack_tokens}) to 0: a pass then holds what one padded micro-batch would"),
         (peft == "none", dict(peft="lora", qlora=True), "train a LoRA adapter (QLoRA) instead of the full model"),
         (peft != "none" and not qlora, dict(qlora=True), "use 4-bit QLoRA (the qlora-zero2 or fp16 preset)"),
         (not gradient_checkpointing, dict(gradient_checkpointing=True), "turn on gradient checkpointing"),

@@ -52,3 +52,16 @@ def test_gradient_checkpointing_saves_activation_memory():
     on = estimate_memory(MISTRAL_7B, max_length=2048, **SEED)
     off = estimate_memory(MISTRAL_7B, max_length=2048, **{**SEED, "gradient_checkpointing": False})
     assert off.parts["activations"] > 5 * on.parts["activations"]
+
+
+def test_a_larger_pack_tokens_costs_its_activations_and_is_the_first_thing_to_lower():
+    padded = estimate_memory(MISTRAL_7B, max_length=2048, **SEED)
+    packed = estimate_memory(MISTRAL_7B, max_length=2048, pack_tokens=8192, **SEED)
+    assert packed.peak_allocated_gib == pytest.approx(
+        estimate_memory(MISTRAL_7B, max_length=8192, **SEED).peak_allocated_gib)
+    assert packed.peak_allocated_gib > padded.peak_allocated_gib
+    # A small budget still holds one whole example of max_length.
+    assert estimate_memory(MISTRAL_7B, max_length=2048, pack_tokens=512, **SEED).peak_allocated_gib == pytest.approx(
+        padded.peak_allocated_gib)
+    tight = estimate_memory(MISTRAL_7B, max_length=2048, pack_tokens=16384, available_gib=16, **SEED)
+    assert tight.verdict != "fits" and tight.advice[0].startswith("lower pack_tokens (now 16384) to 0")

@@ -189,6 +189,7 @@ def estimate_markdown(ctx: Context, preset: Preset, config: TrainConfig, model: 
     estimate = estimate_memory(
         shape, qlora=config.use_qlora, peft=config.peft_type.value, lora_r=config.lora_r,
         batch_size=config.per_device_train_batch_size, max_length=config.max_length,
+        pack_tokens=config.pack_tokens if config.packing else 0,
         gradient_checkpointing=config.gradient_checkpointing, num_gpus=max(1, len(gpus)),
         zero2=bool(preset.launcher.get("use_deepspeed")), available_gib=available or None,
     )  # fmt: skip
