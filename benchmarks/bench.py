@@ -62,6 +62,7 @@ VARIANTS = {
     "engine-realistic": ("realistic", {}),  # the default: packed steps, passes of 2,048 tokens
     "engine-nopacking-realistic": ("realistic", {"packing": "false"}),
     "engine-bf16-realistic": ("realistic", {"upcast_layernorm": "false"}),  # hidden states in bf16, as Unsloth
+    "engine-liger-realistic": ("realistic", {"use_liger_kernel": "true"}),
     "engine-pass8k-realistic": ("realistic", {"pack_tokens": 8192}),  # a step's 4 examples in one pass
     "engine-pass8k-liger-realistic": ("realistic", {"pack_tokens": 8192, "use_liger_kernel": "true"}),
     "engine-bs16-realistic": ("realistic", BS16),
