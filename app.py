@@ -14,6 +14,7 @@ from engine.hardware import detect_hardware
 from ui.app import build_app, launch_kwargs
 from ui.common import Context
 from ui.hosting import auth_users, demo_limits_file, load_demo_limits
+from ui.housekeeping import keep_runs_moving
 
 
 def main() -> int:
@@ -50,6 +51,7 @@ def main() -> int:
     ctx = Context(runs_dir=Path(args.runs_dir).resolve(), cache_dir=Path(args.cache_dir).resolve(),
                   hardware=detect_hardware(), demo=limits, hosted=bool(users or limits))
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
+    keep_runs_moving(ctx)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=users or None, **launch_kwargs(ctx),
