@@ -221,7 +221,8 @@ def _spawn(info: RunInfo, argv: list[str], env: dict[str, str]) -> None:
     info.status, info.started_at = "running", time.time()
 
 
-def _busy_gpus(runs: list[RunInfo]) -> set[int]:
+def busy_gpus(runs: list[RunInfo]) -> set[int]:
+    """The GPUs that live runs among `runs` hold."""
     return {gpu for run in runs if run.status in LIVE for gpu in run.gpus}
 
 
@@ -294,7 +295,7 @@ def _schedule(runs_dir: Path) -> list[RunInfo]:
     for info in runs:
         if _reconcile(info):
             _save(info)
-    busy = _busy_gpus(runs)
+    busy = busy_gpus(runs)
     for info in _queue(runs):
         if busy.isdisjoint(info.gpus):
             argv, env = json.loads((info.run_dir / "argv.json").read_text())
@@ -334,7 +335,7 @@ def start_run(preset: Preset, config: TrainConfig, gpus: list[int] | None = None
         info = RunInfo(run_id=run_id, status="queued", preset=preset.name, run_dir=run_dir,
                        created_at=time.time(), command=command_text(argv, env), gpus=gpus,
                        num_processes=len(gpus) or num_processes or 1, port=port, owner=owner)
-        if _busy_gpus(runs).isdisjoint(gpus):
+        if busy_gpus(runs).isdisjoint(gpus):
             _spawn(info, argv, env)
         _save(info)
     return info
@@ -359,7 +360,7 @@ def resume_run(run_id: str, runs_dir: str | Path = "runs") -> RunInfo:
         (run_dir / "command.txt").write_text(info.command + "\n")
         info = dataclasses.replace(info, status="queued", reason=None, exit_code=None, ended_at=None,
                                    stop_requested_at=None)
-        if _busy_gpus(runs).isdisjoint(info.gpus):
+        if busy_gpus(runs).isdisjoint(info.gpus):
             _spawn(info, argv, env)
         _save(info)
     return info

@@ -25,7 +25,7 @@ def keep_runs_moving(ctx: Context, every_s: float = EVERY_S) -> threading.Event:
         while not stop.wait(every_s):
             try:
                 runs = launch.list_runs(ctx.runs_dir)
-                playground.release_gpus(sorted({gpu for run in runs if run.status in launch.LIVE for gpu in run.gpus}))
+                playground.release_gpus(sorted(launch.busy_gpus(runs)))
             except Exception:  # noqa: BLE001 - one bad tick (a run folder mid-write) must not end the thread
                 log.exception("housekeeping tick failed; trying again in %.0f s", every_s)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from engine.data import check_jsonl
-from engine.launch import list_runs, run_status
+from engine.launch import busy_gpus, list_runs, run_status
 from ui import chat_worker
 from ui.common import TINY_MODEL, Context
 
@@ -62,12 +62,9 @@ def finished_runs(ctx: Context, owner: str | None) -> list[str]:
             if r.owner == owner and (r.run_dir / "output" / "adapter_config.json").is_file()]
 
 
-def gpu_in_use(ctx: Context, gpus: list[int]) -> str | None:
-    """The id of a live run holding any of `gpus`, or None."""
-    for info in list_runs(ctx.runs_dir):
-        if info.status in ("running", "stopping") and set(info.gpus) & set(gpus):
-            return info.run_id
-    return None
+def gpu_in_use(ctx: Context, gpus: list[int]) -> bool:
+    """Whether a live run holds any of `gpus`."""
+    return bool(busy_gpus(list_runs(ctx.runs_dir)) & set(gpus))
 
 
 @functools.lru_cache(maxsize=32)
