@@ -65,7 +65,7 @@ class TrainConfig:
     # --- optimisation ---
     num_train_epochs: float = _flag(1.0, "Passes over the training data.")
     max_steps: int = _flag(-1, "Stop after this many optimizer steps; -1 uses num_train_epochs.")
-    per_device_train_batch_size: int = _flag(1, "Examples per GPU per micro-batch; an optimizer step trains this x gradient_accumulation_steps examples per GPU (with packing, in passes of up to pack_tokens tokens).")
+    per_device_train_batch_size: int = _flag(1, "Examples per GPU per micro-batch; a step trains this x gradient_accumulation_steps.")
     per_device_eval_batch_size: int = _flag(1, "Examples per GPU per eval batch.")
     gradient_accumulation_steps: int = _flag(4, "Micro-batches per optimizer step (effective batch = this x batch size x GPUs).")
     auto_find_batch_size: bool = _flag(False, "On out-of-memory, halve the batch size and retry (not with DeepSpeed).")
