@@ -75,6 +75,10 @@ def _combination_problems(config: TrainConfig) -> list[str]:
         problems.append(
             "auto_find_batch_size does not work with DeepSpeed (it cannot re-initialise the engine); set it false"
         )
+    if config.offload_activations and not config.gradient_checkpointing:
+        problems.append(
+            "offload_activations moves gradient checkpoints to CPU memory: set gradient_checkpointing true too"
+        )
     if config.use_qlora and config.peft_type == PeftType.none:
         problems.append("use_qlora needs an adapter: 4-bit weights cannot be trained directly; set peft_type lora")
     if config.use_dora and config.peft_type != PeftType.lora:

@@ -124,6 +124,10 @@ class Recipe:
             self.stop,
             *faults.callbacks(),  # none unless a test plans a fault
         ]
+        if config.offload_activations:
+            from engine.offload import OffloadCheckpoints
+
+            callbacks.append(OffloadCheckpoints())
         if config.mlfoundry_enable_reporting:
             from engine.tracking import TrueFoundryCallback
 

@@ -1,0 +1,47 @@
+"""Offloaded gradient checkpoints (engine/offload.py). The copies need CUDA streams: the GPU test
+runs on the device machine (benchmarks/RESULTS.md), the pre-flight rule everywhere."""
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+from engine.offload import OffloadCheckpoints
+from engine.preflight import preflight
+
+
+def test_offload_without_checkpointing_is_a_preflight_problem():
+    config = TrainConfig(model_id="m", train_data="", offload_activations=True, gradient_checkpointing=False)
+    assert any(p.startswith("offload_activations") and "gradient_checkpointing true" in p for p in preflight(config))
+
+
+def _grads_and_peak(model, input_ids):
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - start
+    return [p.grad.clone() for p in model.parameters()], peak
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloaded_checkpoints_give_the_same_gradients_with_less_gpu_memory():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, hidden, tokens = 8, 1024, 8192
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2816, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=8, vocab_size=512)
+    model = LlamaForCausalLM(config).cuda().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(0, 512, (1, tokens), device="cuda")
+
+    kept, kept_peak = _grads_and_peak(model, input_ids)
+    OffloadCheckpoints().on_train_begin(None, None, None, model=model)
+    offloaded, offloaded_peak = _grads_and_peak(model, input_ids)
+
+    for a, b in zip(kept, offloaded, strict=True):
+        assert torch.equal(a, b)  # the same recompute from the same (copied back) inputs
+    checkpoints = (layers - 1) * tokens * hidden * 4  # fp32 inputs of every layer but the first
+    assert kept_peak - offloaded_peak > 0.8 * checkpoints, (kept_peak, offloaded_peak)
