@@ -104,6 +104,19 @@ def _feedforward_modules(model: PreTrainedModel, targets: list[str]) -> list[str
     )
 
 
+def _store_embeddings_in(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Undoes prepare_model_for_kbit_training's fp32 copy of the input embedding and output head,
+    keeping what it is for: the embedding's output is cast to fp32 on the fly (the same values, so
+    norms and the residual stream still run in fp32), and the head's matmul runs under autocast in
+    `dtype` whatever its weight is stored in. The same numbers for 2 bytes less per embedding
+    parameter: 0.5 GiB for a 7B model, the largest 16-bit tensors it has.
+    """
+    if dtype == torch.float32:
+        return
+    model.get_input_embeddings().to(dtype).register_forward_hook(lambda module, args, output: output.float())
+    model.get_output_embeddings().to(dtype)
+
+
 def add_adapter(model: PreTrainedModel, config: TrainConfig, targets: list[str]) -> PreTrainedModel:
     """Wraps the model in a PEFT adapter, or leaves it whole for full finetuning."""
     if config.peft_type == PeftType.none:
@@ -116,6 +129,7 @@ def add_adapter(model: PreTrainedModel, config: TrainConfig, targets: list[str])
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
         )
+        _store_embeddings_in(model, compute_dtype(config))
     if config.peft_type == PeftType.ia3:
         adapter = IA3Config(
             task_type="CAUSAL_LM",

@@ -45,3 +45,35 @@ def test_flash_attention_on_cpu_falls_back_to_sdpa_with_a_reason():
     if not torch.cuda.is_available():
         assert impl == "sdpa" and "GPU" in why
     assert pick_attention(TrainConfig())[0] == "sdpa"
+
+
+def test_qlora_keeps_embeddings_16bit_with_the_fp32_upcasts_numbers(tiny_mistral):
+    """prepare_model_for_kbit_training stores the embedding and head in fp32; we store them in bf16
+    and cast the embedding's output instead: under autocast the loss and LoRA gradients are equal."""
+
+    config = TrainConfig(model_id=str(tiny_mistral), use_qlora=True, bf16=True)
+    ids = torch.randint(3, 1000, (2, 24))
+
+    def loss_and_grads(model):
+        torch.manual_seed(1)  # the same LoRA dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(0)
+    ours = add_adapter(load_model(config, "sdpa"), config, ALL_LINEAR)
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:  # the seed's way: everything 16-bit upcast to fp32
+        patch.setattr("engine.model._store_embeddings_in", lambda model, dtype: None)
+        seed = add_adapter(load_model(config, "sdpa"), config, ALL_LINEAR)
+
+    assert ours.get_input_embeddings().weight.dtype == ours.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert seed.get_input_embeddings().weight.dtype == torch.float32
+    assert ours.base_model.model.model.norm.weight.dtype == torch.float32  # norms stay fp32
+    ours_loss, ours_grads = loss_and_grads(ours)
+    seed_loss, seed_grads = loss_and_grads(seed)
+    assert ours_loss == seed_loss
+    assert ours_grads.keys() == seed_grads.keys()
+    for name, grad in ours_grads.items():
+        assert torch.equal(grad, seed_grads[name]), name
