@@ -124,6 +124,10 @@ class Recipe:
             self.stop,
             *faults.callbacks(),  # none unless a test plans a fault
         ]
+        if config.tiled_mlp:
+            from engine.tiled_mlp import TileMLPs
+
+            callbacks.append(TileMLPs())
         if config.offload_activations:
             from engine.offload import OffloadCheckpoints
 
