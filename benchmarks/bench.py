@@ -130,7 +130,7 @@ def build_model() -> None:
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    if (MODEL / "config.json").exists():
+    if (MODEL / "tokenizer_config.json").exists():  # written last: a build cut short is redone
         return
     config = MistralConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

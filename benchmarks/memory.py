@@ -159,7 +159,7 @@ def _build(model_dir: Path, fields: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if (model_dir / "config.json").exists():
+    if (model_dir / "tokenizer_config.json").exists():
         return
     config = LlamaConfig(**fields, bos_token_id=1, eos_token_id=2, max_position_embeddings=32768)
     torch.manual_seed(0)

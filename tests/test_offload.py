@@ -42,6 +42,8 @@ def test_offloaded_checkpoints_give_the_same_gradients_with_less_gpu_memory():
     offloaded, offloaded_peak = _grads_and_peak(model, input_ids)
 
     for a, b in zip(kept, offloaded, strict=True):
-        assert torch.equal(a, b)  # the same recompute from the same (copied back) inputs
+        # The same recompute from the same (copied back) inputs, up to the GPU's own run-to-run
+        # noise (its backward kernels accumulate in no fixed order).
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     checkpoints = (layers - 1) * tokens * hidden * 4  # fp32 inputs of every layer but the first
     assert kept_peak - offloaded_peak > 0.8 * checkpoints, (kept_peak, offloaded_peak)
