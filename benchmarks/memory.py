@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.bench import BENCH, MODEL, build_model
 
-LADDER = [8192 * k for k in range(1, 9)] + [81920, 98304, 131072, 163840, 196608, 262144]
+LADDER = [8192 * k for k in range(1, 13)] + [114688, 131072, 163840, 196608, 262144]
 # The benchmark recipe (bench.COMMON) at one example a step, fit for any length.
 BASE = {
     "use_qlora": "true", "bf16": "true", "lora_r": 32, "lora_alpha": 64, "lora_dropout": 0,
@@ -102,6 +102,9 @@ def _train_step(recipe, config_changes: dict, tokens: int, examples: int) -> flo
 def longest_engine(limits: list[float], flags: dict, ladder: list[int]) -> None:
     import torch
 
+    from engine.memory import configure_allocator
+
+    configure_allocator()  # before build_model's first allocation, as the engine does before its own
     build_model()
     recipe = _recipe(MODEL, {"max_length": max(ladder), **flags})
     start = 0

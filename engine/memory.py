@@ -23,6 +23,14 @@ def parse_memory_limit(text: str, total_mib: float) -> float:
     return fraction
 
 
+def configure_allocator() -> None:
+    """Expandable segments, unless the user chose allocator settings: PyTorch's allocator then grows
+    a segment instead of reserving a new one for each odd-sized request. Under a cap this is what
+    decides whether a long pass fits: at 57,344 tokens of a 7B QLoRA, a step peaking at 13.6 GiB
+    allocated failed under a 16 GiB cap without it (one H200). Read at CUDA's first allocation."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def apply_memory_limit(device_index: int) -> float | None:
     """Caps this process's GPU memory when the env var is set; returns the fraction applied."""
     text = os.environ.get(LIMIT_ENV, "").strip()

@@ -53,6 +53,7 @@ class Recipe:
         from engine.trainer_args import deepspeed_keeps_adapter_fp32
 
         config = self.config
+        memory.configure_allocator()
         set_seed(config.seed)  # the adapter's initial weights come from the global RNG
         if config.cleanup_output_dir_on_start and _rank() == 0:
             shutil.rmtree(self.output_dir, ignore_errors=True)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from engine.config import TrainConfig
@@ -22,3 +24,14 @@ def test_out_of_memory_is_explained_with_what_to_change():
     assert "per_device_train_batch_size (now 4)" in hint and "max_length (now 4096)" in hint
     assert "use_qlora" in hint
     assert "use_qlora" not in out_of_memory_hint(TrainConfig(use_qlora=True))
+
+
+def test_the_allocator_grows_segments_unless_the_user_set_it(monkeypatch):
+    from engine.memory import configure_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    configure_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    configure_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

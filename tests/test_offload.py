@@ -22,7 +22,7 @@ def _grads_and_peak(model, input_ids):
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - start
-    return [p.grad.clone() for p in model.parameters()], peak
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad], peak
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -34,6 +34,9 @@ def test_offloaded_checkpoints_give_the_same_gradients_with_less_gpu_memory():
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2816, num_hidden_layers=layers,
                          num_attention_heads=8, num_key_value_heads=8, vocab_size=512)
     model = LlamaForCausalLM(config).cuda().train()
+    # As under LoRA, little is trained: the gradients then do not outgrow the checkpoints.
+    for name, param in model.named_parameters():
+        param.requires_grad = name.endswith("q_proj.weight")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     input_ids = torch.randint(0, 512, (1, tokens), device="cuda")
 
