@@ -141,6 +141,7 @@ def matrix() -> None:
         for qlora in (True, False):
             recipe = _recipe(model_dir, {"use_qlora": str(qlora).lower(), "max_length": 8192, "max_steps": 2,
                                          "optim": "adamw_torch", "lora_dropout": 0.05})
+            loaded = torch.cuda.memory_allocated() / 2**30  # the model and adapter weights, as placed
             for tokens in (512, 2048, 8192):
                 for batch in (1, 4):
                     changes = {"per_device_train_batch_size": batch, "max_length": tokens}
@@ -151,7 +152,8 @@ def matrix() -> None:
                     predicted = estimate_memory(shape, qlora=qlora, batch_size=batch, max_length=tokens)
                     error = None if measured is None else predicted.peak_allocated_gib / measured - 1
                     _report(shape=shape_name, qlora=qlora, tokens=tokens, batch=batch, measured_gib=measured,
-                            predicted_gib=predicted.peak_allocated_gib, error=error, parts=predicted.parts)
+                            predicted_gib=predicted.peak_allocated_gib, error=error, parts=predicted.parts,
+                            model_gib=loaded)
             del recipe
             _free(torch.nn.Linear(1, 1))
 
