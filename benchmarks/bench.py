@@ -18,7 +18,9 @@ Method, the same for every variant:
 - MFU = tokens/s x (4 x N_frozen + 6 x N_lora) / PEAK_FLOPS, N_frozen the base's matmul
   parameters (all but the input embedding): forward 2N + input gradients 2N for a frozen base,
   forward + input + weight gradients 6N for the adapters; recomputation and attention not counted;
-- loss: eval loss on the same held-out examples after the epoch.
+- loss: eval loss on the same held-out examples after the epoch;
+- memory: PyTorch's peak allocated and reserved, and the whole GPU's used memory before training
+  and at its peak (device_used_gib), which alone sees paged optimizer states (DeviceMemory).
 """
 
 import argparse
@@ -28,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +78,14 @@ VARIANTS = {
     "engine-nopacking-fixed2048": ("fixed2048", {"packing": "false"}),
     "engine-liger-fixed2048": ("fixed2048", {"use_liger_kernel": "true"}),
     "unsloth-fixed2048": ("fixed2048", ("unsloth", 1, 4)),
+    # --optim on the seed's 2,048-token recipe (engine-fixed2048 is adamw_torch, the seed's).
+    "engine-fused-fixed2048": ("fixed2048", {"optim": "adamw_torch_fused"}),
+    "engine-adamw8bit-fixed2048": ("fixed2048", {"optim": "adamw_bnb_8bit"}),
+    "engine-paged8bit-fixed2048": ("fixed2048", {"optim": "paged_adamw_8bit"}),
+    "engine-paged32bit-fixed2048": ("fixed2048", {"optim": "paged_adamw_32bit"}),
+    "engine-anyprecision-fixed2048": ("fixed2048", {"optim": "adamw_anyprecision"}),
+    "engine-anyprecision-kahan-fixed2048": ("fixed2048", {"optim": "adamw_anyprecision",
+                                                          "optim_args": "use_kahan_summation=true"}),
 }
 UNSLOTH_SITE = Path(".site-unsloth")  # its packages (trl, datasets 4, unsloth): see unsloth_run.py
 
@@ -226,6 +237,33 @@ def _matmul_params() -> tuple[int, int]:
     return frozen, lora
 
 
+class DeviceMemory(threading.Thread):
+    """The whole GPU's used memory (cudaMemGetInfo) sampled every 20 ms, its peak kept. Unlike
+    max_memory_allocated it sees memory outside PyTorch's allocator: bitsandbytes' paged optimizer
+    states live in CUDA unified memory, which PyTorch never counts. It also counts every CUDA
+    context on the GPU (this process's and the `run` parent's), hence `start`, read before training."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.start_gib = self.peak_gib = self.used_gib()
+        self.done = threading.Event()
+
+    @staticmethod
+    def used_gib() -> float:
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**30
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak_gib = max(self.peak_gib, self.used_gib())
+
+    def result(self) -> dict:
+        self.done.set()
+        return {"start": round(self.start_gib, 2), "peak": round(self.peak_gib, 2)}
+
+
 def measure(variant: str) -> dict:
     """Runs one variant in this process; returns its result line."""
     import torch
@@ -236,6 +274,10 @@ def measure(variant: str) -> dict:
     out = Path("/tmp/bench-runs") / variant
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    gpu = torch.cuda.is_available()
+    device = DeviceMemory() if gpu else None
+    if device:
+        device.start()
     if flags is SEED_RECIPE:
         run_seed(data, out)
     elif isinstance(flags, tuple):
@@ -252,7 +294,6 @@ def measure(variant: str) -> dict:
     steps = last["step"] - first["step"]
     frozen, lora = _matmul_params()
     rate = tokens / seconds
-    gpu = torch.cuda.is_available()
     evals = [e for e in events if e["event"] == "eval"]
     config = next((e["config"] for e in events if e["event"] == "started" and e.get("config")), {})
     return {
@@ -261,6 +302,7 @@ def measure(variant: str) -> dict:
         "tokens_per_step": round(tokens / steps), "timed_steps": steps, "total_steps": last["step"],
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if gpu else None,
+        "device_used_gib": device.result() if device else None,
         "mfu": round(rate * (4 * frozen + 6 * lora) / PEAK_FLOPS, 4),
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "final_train_loss": last["loss"],

@@ -25,6 +25,17 @@ class Strategy(enum.StrEnum):
     epoch = "epoch"
 
 
+class Optim(enum.StrEnum):
+    """transformers' names, so the seed's `--optim` values keep working."""
+
+    adamw_torch = "adamw_torch"
+    adamw_torch_fused = "adamw_torch_fused"
+    adamw_bnb_8bit = "adamw_bnb_8bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
+    paged_adamw_32bit = "paged_adamw_32bit"
+    adamw_anyprecision = "adamw_anyprecision"
+
+
 class ReportTo(enum.StrEnum):
     none = "none"
     tensorboard = "tensorboard"
@@ -73,7 +84,8 @@ class TrainConfig:
     lr_scheduler_type: str = _flag("cosine", "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
     warmup_ratio: float = _flag(0.03, "Fraction of total steps spent warming the learning rate up from 0.")
     weight_decay: float = _flag(0.0, "AdamW weight decay.")
-    optim: str = _flag("adamw_torch", "Optimizer name as in transformers (adamw_torch, paged_adamw_8bit, adamw_bnb_8bit, ...).")
+    optim: Optim = _flag(Optim.adamw_torch, "Optimizer (AdamW in each case): adamw_torch keeps 8 bytes of state per trained weight; adamw_torch_fused is the same, faster on a GPU; adamw_bnb_8bit keeps 2 bytes (8-bit states, bitsandbytes); paged_adamw_8bit and paged_adamw_32bit move their states to CPU memory when the GPU runs short; adamw_anyprecision keeps 4 (bf16 states; see optim_args).")
+    optim_args: str | None = _flag(None, "Options of adamw_anyprecision, as key=value pairs separated by commas: use_kahan_summation=true (keeps 16-bit weights learning at small learning rates, 2 bytes more per weight), momentum_dtype and variance_dtype (bfloat16, the default, or float32); NA for none.", aliases=["optim-args"])
     gradient_checkpointing: bool = _flag(True, "Recompute activations in the backward pass: much less memory, about 30% slower.")
     packing: bool = _flag(True, "Run each optimizer step's examples packed back to back, with no padding and no attention between examples, in as few forward passes of up to pack_tokens tokens as they fit: the same examples, steps and gradients as padded micro-batches, several times faster on examples of mixed lengths; false pads each micro-batch to its longest example, as the seed recipe does.")
     pack_tokens: int = _flag(0, "Most tokens in one packed forward pass; 0 uses per_device_train_batch_size x max_length, the most a padded micro-batch holds, so memory stays what padding would need. More tokens a pass is faster and takes more GPU memory.")
@@ -158,6 +170,20 @@ def parse_resume(text: str) -> str | None:
     return "true" if low in _TRUE else text
 
 
+def parse_choice(kind: type[enum.Enum]) -> Any:
+    """An enum's value from its text; the error lists the values it may take."""
+
+    def parse(text: str) -> enum.Enum:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not one of {', '.join(m.value for m in kind)}"
+            ) from None
+
+    return parse
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -181,7 +207,7 @@ def _parser_type(f: dataclasses.Field) -> Any:
     if kind in (int, float):
         return kind
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        return kind
+        return parse_choice(kind)
     return parse_optional_str if f.default is None else str
 
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.anyprecision import parse_options, state_bytes_per_param
+from engine.config import Optim
+
 LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 
 
@@ -86,11 +89,26 @@ def out_of_memory_hint(config) -> str:
 # and the workspace) are what make the formula meet those measurements.
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax
-TRAINABLE_BYTES = 16  # fp32 weight + fp32 gradient + two fp32 Adam moments
+WEIGHT_AND_GRADIENT_BYTES = 8  # of a trainable parameter: fp32 weight + fp32 gradient
+# Optimizer state per trainable parameter: AdamW's two moments in fp32, or in 8 bits (bitsandbytes:
+# uint8 each, plus an fp32 scale per block of 256). Paged states live in CUDA unified memory, on the
+# GPU until it runs short: counted here, though torch.cuda.max_memory_allocated() never sees them.
+# adamw_anyprecision's depend on its options (engine/anyprecision.py).
+OPTIMIZER_BYTES = {
+    Optim.adamw_torch: 8, Optim.adamw_torch_fused: 8, Optim.paged_adamw_32bit: 8,
+    Optim.adamw_bnb_8bit: 2 + 2 * 4 / 256, Optim.paged_adamw_8bit: 2 + 2 * 4 / 256,
+}  # fmt: skip
 WORKSPACE_GIB = 0.7  # dequantised weight buffers, cuBLAS workspace, allocator rounding (measured)
 CUDA_CONTEXT_GIB = 0.5  # held by every process, outside PyTorch's allocator
 FRAGMENTATION = 1.10  # reserved / allocated, as measured under load
 TIGHT_ABOVE = 0.85  # above this share of a GPU's memory a longer batch or a spike can fail
+
+
+def optimizer_state_bytes(optim: str, optim_args: str | None = None) -> float:
+    """Bytes of optimizer state per trainable parameter; ValueError for options it cannot parse."""
+    if Optim(optim) == Optim.adamw_anyprecision:
+        return state_bytes_per_param(parse_options(optim_args))
+    return OPTIMIZER_BYTES[Optim(optim)]
 
 
 @dataclass(frozen=True)
@@ -177,7 +195,7 @@ class MemoryEstimate:
 
 def _parts(
     shape: ModelShape, *, qlora: bool, peft: str, lora_r: int, tokens: int,
-    gradient_checkpointing: bool, num_gpus: int, zero2: bool,
+    gradient_checkpointing: bool, num_gpus: int, zero2: bool, optimizer_bytes: float,
 ) -> dict[str, float]:  # fmt: skip
     gib = 2**30
     if qlora:
@@ -188,9 +206,9 @@ def _parts(
     # ZeRO-2 splits gradients and optimizer moments across GPUs (the fp32 weight stays whole);
     # DDP keeps everything on every GPU, plus a bucket copy of the gradients for the all-reduce.
     if zero2 and num_gpus > 1:
-        state = trainable * (4 + (TRAINABLE_BYTES - 4) / num_gpus)
+        state = trainable * (4 + (WEIGHT_AND_GRADIENT_BYTES - 4 + optimizer_bytes) / num_gpus)
     else:
-        state = trainable * (TRAINABLE_BYTES + (4 if num_gpus > 1 else 0))
+        state = trainable * (WEIGHT_AND_GRADIENT_BYTES + optimizer_bytes + (4 if num_gpus > 1 else 0))
     # Activations per token: with checkpointing, one hidden state per layer is kept and a single
     # layer is recomputed at a time; without it every layer's working set stays alive. Logits
     # (bf16, their fp32 upcast and its gradient) are the largest single buffer for big vocabularies.
@@ -220,15 +238,18 @@ def estimate_memory(
     gradient_checkpointing: bool = True,
     num_gpus: int = 1,
     zero2: bool = False,
+    optim: str = "adamw_torch",
+    optim_args: str | None = None,
     available_gib: float | None = None,
 ) -> MemoryEstimate:
     """Per-GPU memory for training `shape` with these settings, and a verdict against `available_gib`.
 
     A worst case: every forward pass full, `batch_size` examples of `max_length` tokens, or with
-    `pack_tokens` that many tokens (or one example of max_length, if longer).
+    `pack_tokens` that many tokens (or one example of max_length, if longer). ValueError for
+    optim_args that adamw_anyprecision cannot parse.
     """
     settings = dict(qlora=qlora, peft=peft, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
-                    num_gpus=num_gpus, zero2=zero2)
+                    num_gpus=num_gpus, zero2=zero2, optimizer_bytes=optimizer_state_bytes(optim, optim_args))
 
     def needed_with(changes: dict) -> tuple[float, dict[str, float]]:
         merged = {**settings, "batch_size": batch_size, "max_length": max_length, "pack_tokens": pack_tokens,

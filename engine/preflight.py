@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import PeftType, ReportTo, TrainConfig
+from engine.anyprecision import parse_options
+from engine.config import Optim, PeftType, ReportTo, TrainConfig
 from engine.data import check_jsonl
 from engine.tracking import tracking_problems
 
@@ -98,10 +99,26 @@ def _combination_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _optimizer_problems(config: TrainConfig) -> list[str]:
+    if config.optim != Optim.adamw_anyprecision:
+        if config.optim_args:
+            return [f"optim_args: only adamw_anyprecision takes options, and optim is {config.optim.value}; "
+                    "set optim_args NA or optim adamw_anyprecision"]
+        return []
+    try:
+        parse_options(config.optim_args)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
 def _package_problems(config: TrainConfig) -> list[str]:
     problems = []
     if config.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("use_qlora needs bitsandbytes: pip install bitsandbytes")
+    bnb = (Optim.adamw_bnb_8bit, Optim.paged_adamw_8bit, Optim.paged_adamw_32bit)
+    if config.optim in bnb and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"optim {config.optim.value} needs bitsandbytes: pip install bitsandbytes")
     if config.deepspeed and importlib.util.find_spec("deepspeed") is None:
         problems.append("deepspeed is set but DeepSpeed is not installed: pip install deepspeed")
     tracker_module = {ReportTo.tensorboard: "tensorboard", ReportTo.mlflow: "mlflow", ReportTo.wandb: "wandb"}
@@ -132,6 +149,7 @@ def preflight(config: TrainConfig) -> list[str]:
         _model_problems(config)
         + _number_problems(config)
         + _combination_problems(config)
+        + _optimizer_problems(config)
         + _package_problems(config)
         + _data_problems(config)
     )

@@ -103,7 +103,7 @@ class Recipe:
         from engine.callbacks import EventsCallback, StopOnSignal
         from engine.checkpoints import AtomicCheckpointTrainer
         from engine.packing import StepCollator, StepPackingTrainer, token_budget
-        from engine.trainer_args import training_arguments
+        from engine.trainer_args import optimizer_cls_and_kwargs, training_arguments
 
         config = self.config
         args = training_arguments(config, self.datasets)
@@ -150,6 +150,7 @@ class Recipe:
             data_collator=collator,
             processing_class=self.tokenizer,
             callbacks=callbacks,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config, args),
         )
 
     def train(self) -> None:

@@ -6,7 +6,7 @@ import os
 import torch
 from transformers import TrainingArguments
 
-from engine.config import PeftType, TrainConfig
+from engine.config import Optim, PeftType, TrainConfig
 
 
 def _train_batch_size(config: TrainConfig) -> int:
@@ -68,7 +68,8 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of total steps
         weight_decay=config.weight_decay,
-        optim=config.optim,
+        optim=config.optim.value,
+        optim_args=config.optim_args,
         gradient_checkpointing=config.gradient_checkpointing,
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DDP.
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
@@ -97,3 +98,15 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         label_names=["labels"],
         disable_tqdm=True,  # progress goes to events.jsonl; a bar would flood stdout.log
     )
+
+
+def optimizer_cls_and_kwargs(config: TrainConfig, args: TrainingArguments) -> tuple[type, dict] | None:
+    """Our AnyPrecisionAdamW for `adamw_anyprecision` (transformers' needs torchdistx, which torch 2
+    lacks: engine/anyprecision.py); None leaves every other optimizer to transformers. The Trainer
+    builds it from this in create_optimizer, which DeepSpeed also calls for its client optimizer."""
+    if config.optim != Optim.adamw_anyprecision:
+        return None
+    from engine.anyprecision import AnyPrecisionAdamW, parse_options
+
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return AnyPrecisionAdamW, {**kwargs, **parse_options(config.optim_args)}

@@ -34,12 +34,15 @@ def test_ddp_variant_and_values():
 
 
 @pytest.mark.parametrize("flag,value", [("--bf16", "maybe"), ("--peft_type", "prefix"),
-                                         ("--lora_r", "four"), ("--eval_strategy", "sometimes")])
+                                         ("--lora_r", "four"), ("--eval_strategy", "sometimes"), ("--optim", "adam")])
 def test_bad_values_are_rejected_with_choices(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--model_id", "m", "--train_data", "d", flag, value])
     assert exit_info.value.code == 2
-    assert flag in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert flag in err
+    if flag == "--optim":
+        assert f"argument --optim: '{value}' is not one of adamw_torch, adamw_torch_fused, adamw_bnb_8bit" in err
 
 
 def test_argv_and_dict_round_trip():

@@ -65,3 +65,31 @@ def test_a_larger_pack_tokens_costs_its_activations_and_is_the_first_thing_to_lo
         padded.peak_allocated_gib)
     tight = estimate_memory(MISTRAL_7B, max_length=2048, pack_tokens=16384, available_gib=16, **SEED)
     assert tight.verdict != "fits" and tight.advice[0].startswith("lower pack_tokens (now 16384) to 0")
+
+
+@pytest.mark.parametrize("optim, optim_args, state_bytes", [
+    ("adamw_torch", None, 8), ("adamw_torch_fused", None, 8), ("paged_adamw_32bit", None, 8),
+    ("adamw_bnb_8bit", None, 2.03), ("paged_adamw_8bit", None, 2.03),  # uint8 moments + an fp32 scale per 256
+    ("adamw_anyprecision", None, 4), ("adamw_anyprecision", "use_kahan_summation=true", 6),
+    ("adamw_anyprecision", "momentum_dtype=float32", 6),
+])  # fmt: skip
+def test_optimizer_state_is_counted_per_choice(optim, optim_args, state_bytes):
+    lora = MISTRAL_7B.trainable_params("lora", 32)
+    assert lora == pytest.approx(84e6, rel=0.01)
+    estimate = estimate_memory(MISTRAL_7B, max_length=2048, optim=optim, optim_args=optim_args, **SEED)
+    seed = estimate_memory(MISTRAL_7B, max_length=2048, **SEED)
+    # fp32 weight and gradient (8 bytes) plus the optimizer's state; nothing else changes.
+    state = estimate.parts["trainable weights, gradients and optimizer"]
+    assert state == pytest.approx(lora * (8 + state_bytes) / 2**30, abs=0.01)
+    assert {k: v for k, v in estimate.parts.items() if k != "trainable weights, gradients and optimizer"} == {
+        k: v for k, v in seed.parts.items() if k != "trainable weights, gradients and optimizer"}
+    # ZeRO-2 shards the gradient and the optimizer state; the fp32 weight stays whole.
+    zero2 = estimate_memory(MISTRAL_7B, qlora=False, peft="none", num_gpus=8, zero2=True, optim=optim,
+                            optim_args=optim_args)
+    assert zero2.parts["trainable weights, gradients and optimizer"] == pytest.approx(
+        MISTRAL_7B.num_params * (4 + (4 + state_bytes) / 8) / 2**30, rel=0.01)
+
+
+def test_optim_args_the_optimizer_cannot_read_are_an_error():
+    with pytest.raises(ValueError, match="optim_args: unknown option 'kahan'"):
+        estimate_memory(MISTRAL_7B, optim="adamw_anyprecision", optim_args="kahan=true", **SEED)

@@ -72,6 +72,23 @@ def test_the_estimate_gives_a_verdict_against_the_gpu():
     assert recommended.name == "fp16-v100-t4" and "Tesla T4" in text and "bfloat16" in text
 
 
+def test_the_optimizer_is_picked_from_a_list_and_its_state_is_in_the_estimate():
+    assert model_step._component(FIELDS["optim"]).choices[2] == ("adamw_bnb_8bit", "adamw_bnb_8bit")
+    t4 = Context(runs_dir=None, cache_dir=None, hardware=Hardware([GPU(0, "Tesla T4", 15.0, 0.1, (7, 5))], 8, 32))
+    preset = load_preset("qlora-zero2")
+
+    def state_line(**flags):
+        config = make_config(preset, model_id="m", train_data="d", **flags)
+        text = model_step.estimate_markdown(t4, preset, config, "mistralai/Mistral-7B-Instruct-v0.2")
+        return next((line for line in text.splitlines() if "optimizer:" in line), text)
+
+    # 84M LoRA weights: fp32 weight + gradient (8 bytes) + AdamW's 8, or 8-bit's 2.03.
+    assert state_line() == "- trainable weights, gradients and optimizer: 1.25 GiB"
+    assert state_line(optim="adamw_bnb_8bit") == "- trainable weights, gradients and optimizer: 0.78 GiB"
+    assert "not available: optim_args: unknown option 'kahan'" in state_line(
+        optim="adamw_anyprecision", optim_args="kahan=true")
+
+
 def test_problems_are_listed_by_line_and_field(ctx, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, "{oops", {"prompt": "c"}])
     report, _ = data_step.check_data(ctx, str(path), TINY_MODEL, 2048)
