@@ -4,10 +4,14 @@
     FINETUNE_STUDIO_FAULT=enospc@save2   the 2nd checkpoint save of the process fails with "No space
                                          left on device" after writing its files, before they are
                                          moved into place
+    FINETUNE_STUDIO_FAULT=oom@tokens512  torch.OutOfMemoryError in any forward pass of more than 512
+                                         tokens: a GPU too small, for --auto_find_batch_size's probes
+                                         (engine/batch_finder.py) and for training's passes alike
+    ...@rank1                            after any of these: only the process of that rank faults
 
 A real out-of-memory needs a GPU and a real full disk a small filesystem: tests/README.md has the
-commands. Unset, as it always is outside tests, no callback is added to the Trainer and `inject` costs
-one environment lookup per checkpoint.
+commands. Unset, as it always is outside tests, no callback is added to the Trainer, no hook to the
+model, and `inject` costs one environment lookup per checkpoint.
 """
 
 import errno
@@ -18,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 ENV = "FINETUNE_STUDIO_FAULT"
-_PLAN = re.compile(r"(oom@step|enospc@save)(\d+)")
+_PLAN = re.compile(r"(oom@step|enospc@save|oom@tokens)(\d+)(?:@rank(\d+))?")
 
 
 def _plan() -> tuple[str, int] | None:
@@ -27,7 +31,9 @@ def _plan() -> tuple[str, int] | None:
         return None
     match = _PLAN.fullmatch(text)
     if match is None:
-        raise ValueError(f"{ENV}={text!r}: expected oom@step<N> or enospc@save<N>")
+        raise ValueError(f"{ENV}={text!r}: expected oom@step<N>, enospc@save<N> or oom@tokens<N>, then @rank<R> or not")
+    if match[3] is not None and int(match[3]) != int(os.environ.get("RANK", 0)):
+        return None
     return match[1], int(match[2])
 
 
@@ -44,6 +50,22 @@ def inject(where: str, count: int) -> None:
 class _OutOfMemoryAtStep(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         inject("oom@step", state.global_step + 1)  # global_step counts the steps already done
+
+
+def watch(model: torch.nn.Module) -> None:
+    """Makes the model's forward raise the planned out-of-memory above N tokens a pass; nothing unless planned."""
+    plan = _plan()
+    if plan is None or plan[0] != "oom@tokens":
+        return
+
+    def too_many_tokens(module, args, kwargs):
+        tokens = (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).numel()
+        if tokens > plan[1]:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. A pass of {tokens} tokens, more than {plan[1]} ({ENV}={os.environ[ENV]})"
+            )
+
+    model.register_forward_pre_hook(too_many_tokens, with_kwargs=True)
 
 
 def callbacks() -> list[TrainerCallback]:
