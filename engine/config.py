@@ -79,7 +79,7 @@ class TrainConfig:
     per_device_train_batch_size: int = _flag(1, "Examples per GPU per micro-batch; a step trains this x gradient_accumulation_steps.")
     per_device_eval_batch_size: int = _flag(1, "Examples per GPU per eval batch.")
     gradient_accumulation_steps: int = _flag(4, "Micro-batches per optimizer step (effective batch = this x batch size x GPUs).")
-    auto_find_batch_size: bool = _flag(False, "On out-of-memory, halve the batch size and retry (not with DeepSpeed).")
+    auto_find_batch_size: bool = _flag(False, "Before training, try growing batches on the GPU and train with the largest that fits with a tenth of the memory to spare: pack_tokens when packing, else per_device_train_batch_size (gradient_accumulation_steps then keeps the effective batch). Works with every preset.")
     learning_rate: float = _flag(2e-4, "Peak learning rate (2e-4 suits LoRA; 1e-5 for full finetuning).")
     lr_scheduler_type: str = _flag("cosine", "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
     warmup_ratio: float = _flag(0.03, "Fraction of total steps spent warming the learning rate up from 0.")

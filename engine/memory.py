@@ -45,6 +45,18 @@ def apply_memory_limit(device_index: int) -> float | None:
     return fraction
 
 
+def memory_limit(device: torch.device) -> tuple[int, str]:
+    """Bytes this process may hold on a GPU, and where that comes from: the cap, but never more than
+    is free now plus what this process holds (other processes and CUDA contexts take the rest)."""
+    free, total = torch.cuda.mem_get_info(device)
+    reachable = free + torch.cuda.memory_reserved(device)
+    text = os.environ.get(LIMIT_ENV, "").strip()
+    cap = parse_memory_limit(text, total / 2**20) * total if text else total
+    if reachable < cap:
+        return reachable, f"free on the GPU, of {total / 2**30:.1f} GiB"
+    return int(cap), f"{LIMIT_ENV}={text}" if text else "the whole GPU"
+
+
 def release_cached() -> None:
     """Hands cached but unused GPU memory back, so nvidia-smi (and other processes) see the truth."""
     if torch.cuda.is_available():

@@ -72,10 +72,6 @@ def _combination_problems(config: TrainConfig) -> list[str]:
         )
     if config.deepspeed and not Path(config.deepspeed).is_file():
         problems.append(f"deepspeed: config file {config.deepspeed} not found")
-    if config.deepspeed and config.auto_find_batch_size:
-        problems.append(
-            "auto_find_batch_size does not work with DeepSpeed (it cannot re-initialise the engine); set it false"
-        )
     if config.offload_activations and not config.gradient_checkpointing:
         problems.append(
             "offload_activations moves gradient checkpoints to CPU memory: set gradient_checkpointing true too"

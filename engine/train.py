@@ -49,7 +49,7 @@ class Recipe:
         import torch
         from transformers import set_seed
 
-        from engine import data, memory, model
+        from engine import data, faults, memory, model
         from engine.trainer_args import deepspeed_keeps_adapter_fp32
 
         config = self.config
@@ -83,18 +83,32 @@ class Recipe:
         if config.peft_type != PeftType.none:
             log.info("adapter %s on %s", config.peft_type.value, ", ".join(self.targets))
         self.model = model.add_adapter(self.model, config, self.targets)
+        faults.watch(self.model)  # nothing unless a test plans an out-of-memory above some pass size
         memory.release_cached()  # loading and quantizing leave GBs cached that training may not reuse
         if config.bf16 and deepspeed_keeps_adapter_fp32(config):
             # DDP's numerics under DeepSpeed (trainer_args says why DeepSpeed itself stays fp32).
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model.forward = torch.autocast(device, dtype=torch.bfloat16)(self.model.forward)
+        self.auto_batch = self._find_batch() if config.auto_find_batch_size else None
         self.resolved = {
-            **config.to_dict(),
+            **self.config.to_dict(),
             "lora_target_modules": self.targets,
             "attention": attention,
             "chat_template_source": template_source,
         }
         self.trainer = self._build_trainer()
+
+    def _find_batch(self) -> dict:
+        """Measures the largest pass that fits (engine/batch_finder.py) and trains with it."""
+        from engine.batch_finder import find_batch
+        from engine.trainer_args import training_arguments
+
+        # The run's own arguments: they start the processes' group the ranks agree through, and say
+        # how the Trainer will run the model.
+        found = find_batch(self.model, self.config, training_arguments(self.config, self.datasets))
+        log.info(found.why)
+        self.config = found.config
+        return found.event
 
     def _build_trainer(self):
         from transformers import DataCollatorForSeq2Seq
@@ -120,6 +134,7 @@ class Recipe:
                     "train_tokens": self.datasets.train_tokens,
                     "num_truncated": self.datasets.num_truncated,
                     "config": self.resolved,
+                    **({"auto_batch": self.auto_batch} if self.auto_batch else {}),
                 },
             ),
             self.stop,
@@ -278,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe.train()
         recipe.save()
     except BaseException as exc:  # noqa: BLE001 - every crash becomes a readable `failed` event
-        error, hint = _explain(exc, config)
+        error, hint = _explain(exc, recipe.config)  # the config training ran with
         log.error("%s %s", error, hint)
         recipe.events.write(
             "failed", error=error, hint=hint, traceback_tail="".join(traceback.format_exc()[-4000:])

@@ -63,7 +63,6 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         per_device_train_batch_size=_train_batch_size(config),
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=_accumulation_steps(config),
-        auto_find_batch_size=config.auto_find_batch_size,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of total steps
