@@ -86,6 +86,12 @@ VARIANTS = {
     "engine-anyprecision-fixed2048": ("fixed2048", {"optim": "adamw_anyprecision"}),
     "engine-anyprecision-kahan-fixed2048": ("fixed2048", {"optim": "adamw_anyprecision",
                                                           "optim_args": "use_kahan_summation=true"}),
+    # --auto_find_batch_size on steps of 16 full-length examples (32,768 tokens), the most a pass could
+    # hold, so that the limit decides; run them under TORCH_PER_PROCESS_MEMORY_LIMIT (tests/README.md).
+    # No eval: its batches are not the finder's, and the peak reported is then training's own.
+    "engine-auto-bs16-fixed2048": ("fixed2048", {**BS16, "auto_find_batch_size": "true", "eval_strategy": "no"}),
+    "engine-auto-nopacking-bs16-fixed2048": (
+        "fixed2048", {**BS16, "packing": "false", "auto_find_batch_size": "true", "eval_strategy": "no"}),
 }
 UNSLOTH_SITE = Path(".site-unsloth")  # its packages (trl, datasets 4, unsloth): see unsloth_run.py
 
@@ -295,7 +301,8 @@ def measure(variant: str) -> dict:
     frozen, lora = _matmul_params()
     rate = tokens / seconds
     evals = [e for e in events if e["event"] == "eval"]
-    config = next((e["config"] for e in events if e["event"] == "started" and e.get("config")), {})
+    started = next((e for e in events if e["event"] == "started" and e.get("config")), {})
+    config = started.get("config", {})
     return {
         "variant": variant, "data": data, "flags": flags, "attention": config.get("attention", "sdpa"),
         "trained_tokens_per_s": round(rate), "step_time_s": round(seconds / steps, 3),
@@ -305,6 +312,7 @@ def measure(variant: str) -> dict:
         "device_used_gib": device.result() if device else None,
         "mfu": round(rate * (4 * frozen + 6 * lora) / PEAK_FLOPS, 4),
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "auto_batch": started.get("auto_batch"),  # what --auto_find_batch_size chose, tried and why
         "final_train_loss": last["loss"],
     }
 

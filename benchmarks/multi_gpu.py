@@ -8,13 +8,16 @@ of benchmarks/bench.py, with a Mistral-7B-shaped model of random bf16 weights bu
 It prints one JSON line per case: trained tokens/s (rank 0's events, after WARMUP_STEPS), peak
 allocated GiB on rank 0, and per GPU the peak memory used and mean utilisation sampled from
 nvidia-smi every half second. `stop` stops a 2-GPU run mid-way, checks that no process and no GPU
-memory is left, resumes it and checks the step count goes on. `ui` starts `python app.py` and does
+memory is left, resumes it and checks the step count goes on. `oom-*` cases run under a small
+TORCH_PER_PROCESS_MEMORY_LIMIT (LIMITS) and must end "failed" with the readable out-of-memory event
+(`failed` in their line), not hang. `ui` starts `python app.py` and does
 what a script (or the browser's buttons) does through its API: upload and check the data, start a
 run of the ddp preset on every GPU, follow it, stop it; Gradio must be importable (GPU.md: carry
 its wheels, `.whl-ui/`, and install them on the machine).
 """
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -41,7 +44,19 @@ CASES = {
     "z2-4": ("qlora-zero2", [0, 1, 2, 3], {}),
     "ddpq-4": ("ddp", [0, 1, 2, 3], {"use_qlora": True}),
     "fp16-1": ("fp16-v100-t4", [0], {}),
+    # --auto_find_batch_size under DeepSpeed, steps of 16 examples: the ranks agree on one pack_tokens.
+    "z2-2-auto": ("qlora-zero2", [0, 1], {"auto_find_batch_size": True, "per_device_train_batch_size": 16,
+                                          "gradient_accumulation_steps": 1}),
+    # Too little memory (LIMITS): each must fail with the readable out-of-memory event, and never hang.
+    "oom-mib-1": ("qlora-zero2", [0], {}),
+    "oom-fraction-2": ("qlora-zero2", [0, 1], {}),
+    "oom-auto-1": ("qlora-zero2", [0], {"auto_find_batch_size": True}),
 }
+# TORCH_PER_PROCESS_MEMORY_LIMIT per case, in MiB or as a fraction of the GPU ("6000/" is 6,000 MiB
+# of this GPU as a fraction). 6,000 MiB holds the 4-bit 7B model (about 4.4 GiB) but not a pass of
+# 2,048 tokens (about 7.7 GiB), so training fails at its first step; 16,000 is the issue's 16 GiB.
+LIMITS = {"z2-2-auto": "16000", "oom-mib-1": "6000", "oom-fraction-2": "6000/", "oom-auto-1": "6000"}
+HANG_S = 300  # an oom- case still running after this is stopped and reported "stopped": it hung
 
 
 def _config(preset, **flags):
@@ -77,8 +92,11 @@ class GpuSampler(threading.Thread):
                 for g in gpus}
 
 
-def _wait(run_id: str, until=lambda info: info.status not in ACTIVE):
+def _wait(run_id: str, until=lambda info: info.status not in ACTIVE, timeout: float | None = None):
+    deadline = time.time() + timeout if timeout else None
     while not until(info := run_status(run_id, RUNS)):
+        if deadline and time.time() > deadline:
+            return stop_run(run_id, RUNS, wait=True)  # "stopped", not "failed": it hung
         time.sleep(1)
     return info
 
@@ -87,17 +105,41 @@ def _events(info, name):
     return [e for e in read_events(info.run_dir / "events.jsonl")[0] if e["event"] == name]
 
 
+def _limit(case: str) -> str | None:
+    text = LIMITS.get(case)
+    if text and text.endswith("/"):
+        import torch
+
+        return f"{float(text[:-1]) / (torch.cuda.get_device_properties(0).total_memory / 2**20):.4f}"
+    return text
+
+
 def measure(case: str) -> dict:
     preset_name, gpus, flags = CASES[case]
     preset = load_preset(preset_name)
+    limit = _limit(case)
+    if limit:
+        os.environ["TORCH_PER_PROCESS_MEMORY_LIMIT"] = limit  # the run's processes inherit it
     sampler = GpuSampler()
     sampler.start()
     started = time.time()
-    info = _wait(start_run(preset, _config(preset, **flags), gpus=gpus, runs_dir=RUNS).run_id)
+    try:
+        info = _wait(start_run(preset, _config(preset, **flags), gpus=gpus, runs_dir=RUNS).run_id,
+                     timeout=HANG_S if case.startswith("oom-") else None)
+    finally:
+        os.environ.pop("TORCH_PER_PROCESS_MEMORY_LIMIT", None)
     sampler.running = False
     logs = _events(info, "log")
-    result = {"case": case, "preset": preset_name, "gpus": len(gpus), "status": info.status,
-              "reason": info.reason, "wall_s": round(time.time() - started, 1)}
+    result = {"case": case, "preset": preset_name, "gpus": len(gpus), "limit": limit, "status": info.status,
+              "reason": info.reason, "wall_s": round(time.time() - started, 1),
+              "processes_left": len(run_processes(info)), "logged_steps": [e["step"] for e in logs]}
+    found = (_events(info, "started") or [{}])[0].get("auto_batch")
+    if found:
+        result["auto_batch"] = {k: found[k] for k in ("value", "this_process", "processes", "seconds", "why")}
+    failed = _events(info, "failed")
+    if failed:
+        result["failed"] = {"error": failed[0]["error"], "hint": failed[0]["hint"],
+                            "last_line": failed[0].get("traceback_tail", "").strip().splitlines()[-1:]}
     if info.status == "succeeded":
         after = [e for e in logs if e["step"] > WARMUP_STEPS]
         tokens = after[-1]["tokens_seen"] - logs[WARMUP_STEPS - 1]["tokens_seen"]
