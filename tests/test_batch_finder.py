@@ -168,6 +168,7 @@ def test_a_fault_armed_on_one_rank_only(monkeypatch):
         module(input_ids=torch.zeros(1, 101))
 
 
+@pytest.mark.slow  # 16-30 s here, loaded
 def test_without_packing_the_micro_batch_shrinks_and_accumulation_keeps_the_step(tiny_mistral, tmp_path, monkeypatch):
     # Batches of 4 examples of about 35 tokens would run out of memory above 100 tokens; 2 fit.
     monkeypatch.setenv("FINETUNE_STUDIO_FAULT", "oom@tokens100")
