@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerControl, TrainerState
 
 from engine.config import TrainConfig
 from engine.memory import is_out_of_memory, memory_limit, release_cached
@@ -196,9 +197,10 @@ class Found:
         return self.event["why"]
 
 
-def find_batch(model, config: TrainConfig, args, meter: CudaMeter | None = None) -> Found:
-    """Measures what fits (module docstring) on `model` as `args` (the run's TrainingArguments) will
-    train it, and returns the config to train with. `meter` stands in for the GPU's counter."""
+def find_batch(model, config: TrainConfig, args, callbacks: Sequence = (), meter: CudaMeter | None = None) -> Found:
+    """Measures what fits (module docstring) on `model` as `args` (the run's TrainingArguments) and
+    `callbacks` (those that change the model on_train_begin) will train it, and returns the config to
+    train with. `meter` stands in for the GPU's counter."""
     device = args.device
     if meter is None and device.type == "cuda":
         meter = CudaMeter(device)
@@ -206,7 +208,7 @@ def find_batch(model, config: TrainConfig, args, meter: CudaMeter | None = None)
     trainable = [(p.numel(), p.element_size()) for p in model.parameters() if p.requires_grad]
     parts = unprobed_bytes(trainable, config.optim, args.deepspeed, args.world_size)
     unprobed = sum(parts.values())
-    _prepare_like_the_trainer(model, args)
+    _prepare_like_the_trainer(model, args, callbacks)
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     vocab = model.get_input_embeddings().num_embeddings
@@ -256,9 +258,11 @@ def find_batch(model, config: TrainConfig, args, meter: CudaMeter | None = None)
     return _found(config, value, own, sizes, trials, parts, limit, limit_source, args.world_size, started)
 
 
-def _prepare_like_the_trainer(model, args) -> None:
-    """What Trainer.train does to the model before its first pass (transformers 5.17), so the probe
-    runs the model that trains: on its device, Liger's kernels, checkpointing, training mode."""
+def _prepare_like_the_trainer(model, args, callbacks: Sequence) -> None:
+    """What Trainer.train does to the model before its first pass (transformers 5.17), in its order,
+    so the probe runs the model that trains: on its device, Liger's kernels, checkpointing, our
+    callbacks' on_train_begin (tiled MLPs, offloaded checkpoints), training mode. Each is one the
+    Trainer then does again to the same effect (checkpointing re-enabled unwraps the offload first)."""
     if args.device.type != "cpu" and next(model.parameters()).device != args.device:
         model.to(args.device)  # DDP's Trainer and DeepSpeed move it there too; a 4-bit model is there already
     if args.use_liger_kernel:
@@ -267,6 +271,8 @@ def _prepare_like_the_trainer(model, args) -> None:
         apply_liger_kernel(model, args.liger_kernel_config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    for callback in callbacks:
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
     model.train()
 
 

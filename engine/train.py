@@ -105,10 +105,24 @@ class Recipe:
 
         # The run's own arguments: they start the processes' group the ranks agree through, and say
         # how the Trainer will run the model.
-        found = find_batch(self.model, self.config, training_arguments(self.config, self.datasets))
+        args = training_arguments(self.config, self.datasets)
+        found = find_batch(self.model, self.config, args, self._model_callbacks())
         log.info(found.why)
         self.config = found.config
         return found.event
+
+    def _model_callbacks(self) -> list:
+        """The callbacks that change the model as training begins; the batch finder's probe runs them too."""
+        callbacks = []
+        if self.config.tiled_mlp:
+            from engine.tiled_mlp import TileMLPs
+
+            callbacks.append(TileMLPs())
+        if self.config.offload_activations:
+            from engine.offload import OffloadCheckpoints
+
+            callbacks.append(OffloadCheckpoints())
+        return callbacks
 
     def _build_trainer(self):
         from transformers import DataCollatorForSeq2Seq
@@ -139,15 +153,8 @@ class Recipe:
             ),
             self.stop,
             *faults.callbacks(),  # none unless a test plans a fault
+            *self._model_callbacks(),
         ]
-        if config.tiled_mlp:
-            from engine.tiled_mlp import TileMLPs
-
-            callbacks.append(TileMLPs())
-        if config.offload_activations:
-            from engine.offload import OffloadCheckpoints
-
-            callbacks.append(OffloadCheckpoints())
         if config.mlfoundry_enable_reporting:
             from engine.tracking import TrueFoundryCallback
 

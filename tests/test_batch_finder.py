@@ -121,6 +121,7 @@ class TokenMeter:
 
 def test_the_probe_trains_nothing_and_takes_the_largest_pass_within_the_margin(tiny_mistral):
     from engine import model as engine_model
+    from engine.tiled_mlp import TileMLPs, _tiled
     from engine.trainer_args import training_arguments
 
     cfg = config(model_id=str(tiny_mistral), max_length=16, gradient_accumulation_steps=8, lora_r=8)
@@ -131,7 +132,7 @@ def test_the_probe_trains_nothing_and_takes_the_largest_pass_within_the_margin(t
     rng = torch.random.get_rng_state()
     args = training_arguments(cfg, types.SimpleNamespace(eval=None))
 
-    found = find_batch(model, cfg, args, meter=TokenMeter(model))
+    found = find_batch(model, cfg, args, [TileMLPs()], meter=TokenMeter(model))  # tiled_mlp true
 
     # Passes of 16 to 128 tokens by 2. 90% of 4 GiB, less 1 GiB held and the AdamW moments, at 25 MiB
     # a token: 106 tokens fit, 108 do not.
@@ -148,7 +149,9 @@ def test_the_probe_trains_nothing_and_takes_the_largest_pass_within_the_margin(t
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert torch.equal(torch.random.get_rng_state(), rng)
+    # It ran the model as training will: checkpointing on, the callbacks' changes made (tiled MLPs).
     assert model.training and model.base_model.model.model.gradient_checkpointing
+    assert all(layer.mlp.forward.func is _tiled for layer in model.base_model.model.model.layers)
 
 
 # ---------------------------------------------------------------- whole runs
