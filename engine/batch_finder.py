@@ -32,7 +32,7 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from engine.config import TrainConfig
-from engine.memory import is_out_of_memory, memory_limit, release_cached
+from engine.memory import is_out_of_memory, memory_limit, optimizer_state_bytes, release_cached
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,11 @@ def candidates(config: TrainConfig) -> list[int]:
     return [n for n in range(1, per_step + 1) if per_step % n == 0]
 
 
-def optimizer_state_bytes(optim: str, sizes: Sequence[tuple[int, int]]) -> int:
-    """What the optimizer allocates at its first step for trainable tensors of (elements, bytes each)."""
-    name = optim.lower()
-    if name.startswith("sgd") or "adafactor" in name:
-        return 0  # HF's SGD has no momentum; Adafactor keeps a row and a column a matrix, not counted
-    states = 1 if "lion" in name else 2
-    if "8bit" in name:  # bitsandbytes: a byte an element and an fp32 absmax per 256; fp32 below 4,096 elements
-        return sum(states * (n + 4 * math.ceil(n / 256)) if n >= 4096 else states * 4 * n for n, _ in sizes)
-    return sum(states * n * size for n, size in sizes)  # Adam and the like: zeros_like(param), twice
-
-
-def unprobed_bytes(sizes: Sequence[tuple[int, int]], optim: str, deepspeed: dict | None, world: int) -> dict[str, int]:
-    """GPU memory training holds beside a forward and backward pass that the probe does not: by part.
+def unprobed_bytes(sizes: Sequence[tuple[int, int]], state_bytes: float, deepspeed: dict | None,
+                   world: int) -> dict[str, int]:
+    """GPU memory training holds beside a forward and backward pass that the probe does not, by part,
+    for trainable tensors of (elements, bytes each) and an optimizer keeping state_bytes an element
+    (engine/memory.py's optimizer_state_bytes; its states come at the first step).
 
     DeepSpeed ZeRO-1/2 (deepspeed/runtime/zero/stage_1_and_2.py, 0.19): each process clones its
     1/world partition of the trainable weights in fp32, keeps that partition's gradients (weight
@@ -106,10 +98,10 @@ def unprobed_bytes(sizes: Sequence[tuple[int, int]], optim: str, deepspeed: dict
         part = math.ceil(elements / world)
         step_grad = part * 4 if size != 4 else 0  # the fp32 copy of 16-bit gradients at the step
         return {
-            "optimizer states": optimizer_state_bytes(optim, [(part, 4)]),
+            "optimizer states": math.ceil(part * state_bytes),
             "DeepSpeed fp32 weights, gradients and buffers": part * 4 + part * size + step_grad + buffers,
         }
-    parts = {"optimizer states": optimizer_state_bytes(optim, sizes)}
+    parts = {"optimizer states": math.ceil(elements * state_bytes)}
     if world > 1:
         parts["gradient all-reduce buckets"] = sum(n * s for n, s in sizes)
     return parts
@@ -206,7 +198,8 @@ def find_batch(model, config: TrainConfig, args, callbacks: Sequence = (), meter
         meter = CudaMeter(device)
     limit, limit_source = meter.limit() if meter else (None, "")
     trainable = [(p.numel(), p.element_size()) for p in model.parameters() if p.requires_grad]
-    parts = unprobed_bytes(trainable, config.optim, args.deepspeed, args.world_size)
+    state_bytes = optimizer_state_bytes(config.optim, config.optim_args)
+    parts = unprobed_bytes(trainable, state_bytes, args.deepspeed, args.world_size)
     unprobed = sum(parts.values())
     _prepare_like_the_trainer(model, args, callbacks)
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None

@@ -17,7 +17,7 @@ from engine import faults
 from engine.batch_finder import MARGIN, candidates, find_batch, largest_fitting, search, unprobed_bytes
 from engine.config import TrainConfig
 from engine.launch import start_run
-from engine.memory import ModelShape
+from engine.memory import ModelShape, optimizer_state_bytes
 from engine.presets import load_preset, make_config
 from engine.zero import zero_settings
 
@@ -81,22 +81,21 @@ def test_largest_fitting_at_the_edges():
 def test_unprobed_memory_is_the_optimizer_and_the_gradient_buffers_by_their_byte_counts():
     n = MISTRAL_7B.trainable_params("lora", 32)  # 83,886,080 fp32 LoRA weights
     lora = [(n, 4)]
-    assert unprobed_bytes(lora, "adamw_torch", None, 1) == {"optimizer states": 8 * n}  # two fp32 moments
-    assert unprobed_bytes(lora, "adamw_torch", None, 2) == {  # DDP
+    adamw, adamw_8bit = optimizer_state_bytes("adamw_torch"), optimizer_state_bytes("paged_adamw_8bit")
+    assert unprobed_bytes(lora, adamw, None, 1) == {"optimizer states": 8 * n}  # two fp32 moments
+    assert unprobed_bytes(lora, adamw, None, 2) == {  # DDP
         "optimizer states": 8 * n, "gradient all-reduce buckets": 4 * n}
-    assert unprobed_bytes(lora, "paged_adamw_8bit", None, 1) == {"optimizer states": 2 * (n + 4 * n // 256)}
-    assert unprobed_bytes([(1000, 4)], "adamw_8bit", None, 1) == {"optimizer states": 8000}  # small: fp32 states
-    assert unprobed_bytes(lora, "sgd", None, 1) == {"optimizer states": 0}
+    assert unprobed_bytes(lora, adamw_8bit, None, 1) == {"optimizer states": 2 * (n + 4 * n // 256)}
 
     # ZeRO-2 on 2 GPUs, with the buckets engine/zero.py sizes for this adapter (a quarter of it, two
     # of them with overlap_comm): each process holds half the fp32 weights, gradients and moments.
     zero = {"stage": 2, **zero_settings(n, MISTRAL_7B.num_params, 2, 80.0)}
     assert zero["reduce_bucket_size"] == n // 4 and zero["overlap_comm"] and zero["contiguous_gradients"]
     half = n // 2
-    assert unprobed_bytes(lora, "adamw_torch", {"zero_optimization": zero}, 2) == {
+    assert unprobed_bytes(lora, adamw, {"zero_optimization": zero}, 2) == {
         "optimizer states": 8 * half, "DeepSpeed fp32 weights, gradients and buffers": 8 * half + 2 * 4 * (n // 4)}
     offloaded = {**zero, "offload_optimizer": {"device": "cpu"}}
-    assert unprobed_bytes(lora, "adamw_torch", {"zero_optimization": offloaded}, 2) == {
+    assert unprobed_bytes(lora, adamw, {"zero_optimization": offloaded}, 2) == {
         "DeepSpeed gradient buffers": 2 * 4 * (n // 4)}
 
 
