@@ -1,5 +1,6 @@
 """Presets and the launcher: commands, run folders, and real multi-process runs on CPU."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -26,7 +27,7 @@ def test_every_preset_loads_and_builds_a_config():
     presets = {p.name: p for p in list_presets()}
     assert {"qlora-zero2", "ddp", "fp16-v100-t4", "cpu-tiny"} <= set(presets)
     z2 = presets["qlora-zero2"]
-    assert z2.launcher == {"mixed_precision": "bf16", "use_deepspeed": True} and Path(z2.deepspeed).is_file()
+    assert z2.launcher == {"use_deepspeed": True} and Path(z2.deepspeed).is_file()
     config = make_config(z2, model_id="m", train_data="d.jsonl", lora_r=16)
     assert (config.bf16, config.use_qlora, config.gradient_checkpointing, config.lora_alpha) == (True, True, True, 64)
     assert config.lora_r == 16  # the user's value over the preset's
@@ -39,8 +40,8 @@ def test_every_preset_loads_and_builds_a_config():
      "colour: unknown key"),
     ("name: bad\ntitle: t\ndescription: d\nhardware: h\nneeds_gpu: false\nlauncher: {}\ntrain: {lora_r: four}\n",
      "train.lora_r"),
-    ("name: bad\ntitle: t\ndescription: d\nhardware: h\nneeds_gpu: false\nlauncher: {mixed_precision: fp8}\n"
-     "train: {}\n", "launcher.mixed_precision"),
+    ("name: bad\ntitle: t\ndescription: d\nhardware: h\nneeds_gpu: false\nlauncher: {use_deepspeed: maybe}\n"
+     "train: {}\n", "launcher.use_deepspeed"),
     ("name: other\ntitle: t\ndescription: d\nhardware: h\nneeds_gpu: false\nlauncher: {}\ntrain: {}\n",
      "name: 'other' must match"),
     ("name: bad\ntitle: t\nhardware: h\nneeds_gpu: false\nlauncher: {}\ntrain: {}\n", "description: missing"),
@@ -75,6 +76,10 @@ def test_command_is_an_argv_with_one_process_per_gpu_and_copyable_text():
     assert shlex.split(text)[3:] == argv[3:]
     ddp_argv, _ = build_command(load_preset("ddp"), config, gpus=[0, 1])
     assert "--multi_gpu" in ddp_argv and "--use_deepspeed" not in ddp_argv
+    # The launcher's precision is the engine's flags', never a second setting that could contradict them.
+    assert ddp_argv[ddp_argv.index("--mixed_precision") + 1] == "bf16"
+    fp32_argv, _ = build_command(load_preset("ddp"), dataclasses.replace(config, bf16=False), gpus=[0, 1])
+    assert fp32_argv[fp32_argv.index("--mixed_precision") + 1] == "no"
     tiny_argv, tiny_env = build_command(load_preset("cpu-tiny"), config, gpus=[])
     assert "--cpu" in tiny_argv and tiny_env == {"CUDA_VISIBLE_DEVICES": ""}
 
