@@ -92,7 +92,9 @@ def build_command(preset: Preset, config: TrainConfig, gpus: list[int], port: in
     if launcher.get("use_deepspeed"):
         argv += ["--use_deepspeed", "--deepspeed_config_file", config.deepspeed]
     else:
-        argv += ["--mixed_precision", launcher.get("mixed_precision", "no")]
+        # From the engine's flags, never the preset's: a second source of precision once trained a
+        # `bf16 false` run in bf16 (engine/trainer_args.py).
+        argv += ["--mixed_precision", "bf16" if config.bf16 else "fp16" if config.fp16 else "no"]
         if processes > 1:
             argv.append("--multi_gpu")  # on CPU too: torch.distributed over gloo
     if processes == 1 and not launcher.get("use_deepspeed") and (launcher.get("cpu") or not gpus):

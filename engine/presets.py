@@ -17,7 +17,6 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 # accelerate launch options a preset may set, with the values each accepts.
 LAUNCHER_OPTIONS = {
-    "mixed_precision": ("no", "fp16", "bf16"),
     "use_deepspeed": (True, False),
     "cpu": (True, False),
 }

@@ -54,7 +54,7 @@ def deepspeed_keeps_adapter_fp32(config: TrainConfig) -> bool:
 
 def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
     has_eval = datasets.eval is not None
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=config.output_dir,
         seed=config.seed,
         data_seed=config.seed,
@@ -92,11 +92,21 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         run_name=config.mlfoundry_run_name,
         # Counts trained tokens (not padding) across ranks, for tokens/s in the events.
         include_num_input_tokens_seen="non_padding",
+        # Each rank's loss is its label tokens' summed loss over the label tokens of the whole step
+        # on every rank (gathered), so DDP's and ZeRO's gradient average is one process's step.
+        # True is transformers 5's default; said here because correctness rests on it.
+        average_tokens_across_devices=True,
         remove_unused_columns=False,
         # Our collators build the inputs; the Trainer must not drop the labels column it does not know.
         label_names=["labels"],
         disable_tqdm=True,  # progress goes to events.jsonl; a bar would flood stdout.log
     )
+    # With bf16 and fp16 both off, HF takes the precision from the launcher's environment
+    # (ACCELERATE_MIXED_PRECISION): `accelerate launch --mixed_precision bf16` then trained a
+    # bf16-false config in bf16 autocast, and DDP learned differently from one process. Our flags decide.
+    if not (args.bf16 or args.fp16):
+        args.mixed_precision = "no"
+    return args
 
 
 def optimizer_cls_and_kwargs(config: TrainConfig, args: TrainingArguments) -> tuple[type, dict] | None:
