@@ -137,7 +137,11 @@ def add_adapter(model: PreTrainedModel, config: TrainConfig, targets: list[str])
 def merge_adapter(config: TrainConfig, adapter_dir: Path, merged_dir: Path) -> Path:
     """Writes base + adapter as one model. A QLoRA base is reloaded in 16-bit, never merged in 4-bit."""
     from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    # Rank 0 merges alone, after training. With a ZeRO-3 config still registered, transformers would
+    # load the base through zero.Init, sharded across ranks that have finished: it fails waiting for them.
+    unset_hf_deepspeed_config()
     dtype = compute_dtype(config) if config.bf16 or config.fp16 else torch.float32
     base = AutoModelForCausalLM.from_pretrained(config.model_id, dtype=dtype)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
