@@ -1,7 +1,8 @@
 """The events.jsonl schema: one writer (rank 0 of a run) and one reader (the UI, the CLI follower).
 
 Each line is `{"time": unix_s, "event": NAME, ...}` with plain JSON values. Events:
-  started     world_size, total_steps, num_train_examples, num_eval_examples, train_tokens, config
+  started     world_size, total_steps, num_train_examples, num_eval_examples, train_tokens, config,
+              weights_gib (the model weights rank 0 holds: its shard under ZeRO-3)
   log         step, epoch, loss, learning_rate, grad_norm, tokens_per_second, gpu_memory_gib
   eval        step, eval_loss (and other eval metrics)
   checkpoint  step, path
