@@ -4,16 +4,16 @@
     python -m benchmarks.multi_gpu run z2-1 z2-2 ...         # on the GPU machine, .bench/ and .site/ carried
 
 Each case is one run of a preset on some GPUs, a few optimizer steps on the realistic-length data
-of benchmarks/bench.py, with a Mistral-7B-shaped model of random bf16 weights built on the GPU.
-It prints one JSON line per case: trained tokens/s (rank 0's events, after WARMUP_STEPS), peak
-allocated GiB on rank 0, and per GPU the peak memory used and mean utilisation sampled from
-nvidia-smi every half second. `stop` stops a 2-GPU run mid-way, checks that no process and no GPU
-memory is left, resumes it and checks the step count goes on. `oom-*` cases run under a small
-TORCH_PER_PROCESS_MEMORY_LIMIT (LIMITS) and must end "failed" with the readable out-of-memory event
-(`failed` in their line), not hang. `ui` starts `python app.py` and does
-what a script (or the browser's buttons) does through its API: upload and check the data, start a
-run of the ddp preset on every GPU, follow it, stop it; Gradio must be importable (GPU.md: carry
-its wheels, `.whl-ui/`, and install them on the machine).
+of benchmarks/bench.py, with a Mistral-7B-shaped model of random bf16 weights built on the GPU. It
+prints one JSON line per case: trained tokens/s (rank 0's events, after WARMUP_STEPS), peak
+allocated GiB on rank 0, the weights rank 0 holds once training starts (its share under ZeRO-3),
+and per GPU the peak memory used and mean utilisation sampled from nvidia-smi every half second.
+`stop` stops a 2-GPU run mid-way, checks that no process and no GPU memory is left, resumes it and
+checks the step count goes on. `oom-*` cases run under a small TORCH_PER_PROCESS_MEMORY_LIMIT
+(LIMITS) and must end "failed" with the readable out-of-memory event (`failed` in their line), not
+hang. `ui` starts `python app.py` and does what a script (or the browser's buttons) does through
+its API: upload and check the data, start a run of the ddp preset on every GPU, follow it, stop it;
+Gradio must be importable (GPU.md: carry its wheels, `.whl-ui/`, and install them on the machine).
 """
 
 import json
@@ -51,6 +51,10 @@ CASES = {
     "oom-mib-1": ("qlora-zero2", [0], {}),
     "oom-fraction-2": ("qlora-zero2", [0, 1], {}),
     "oom-auto-1": ("qlora-zero2", [0], {"auto_find_batch_size": True}),
+    # ZeRO-3 splits the 4-bit weights (stored in bf16) across the GPUs; on 1 GPU it splits nothing.
+    "z3-1": ("qlora-zero3", [0], {}),
+    "z3-2": ("qlora-zero3", [0, 1], {}),
+    "z3-4": ("qlora-zero3", [0, 1, 2, 3], {}),
 }
 # TORCH_PER_PROCESS_MEMORY_LIMIT per case, in MiB or as a fraction of the GPU ("6000/" is 6,000 MiB
 # of this GPU as a fraction). 6,000 MiB holds the 4-bit 7B model (about 4.4 GiB) but not a pass of
@@ -147,6 +151,7 @@ def measure(case: str) -> dict:
         result |= {
             "tokens_per_s": round(tokens / seconds), "step_s": round(seconds / len(after), 3),
             "rank0_peak_allocated_gib": max(e["gpu_memory_gib"] for e in logs),
+            "rank0_weights_gib": _events(info, "started")[0].get("weights_gib"),  # its ZeRO-3 share
             "losses": [round(e["loss"], 4) for e in logs], "grad_norms": [round(e["grad_norm"], 4) for e in logs],
             "command": info.command,
         }

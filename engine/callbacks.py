@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from engine.events import EventWriter
 from engine.memory import peak_memory_gib
+from engine.zero import weights_held_gib
 
 
 class EventsCallback(TrainerCallback):
@@ -26,7 +27,7 @@ class EventsCallback(TrainerCallback):
         self._last_tokens = state.num_input_tokens_seen
         self.events.write(
             "started", world_size=args.world_size, total_steps=state.max_steps,
-            start_step=state.global_step, **self.started_fields,
+            start_step=state.global_step, weights_gib=weights_held_gib(kwargs["model"]), **self.started_fields,
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):

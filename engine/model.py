@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import import_utils
 
 from engine.config import PeftType, TrainConfig
+from engine.zero import zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,38 @@ def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
 
 def _device_map(config: TrainConfig) -> dict | None:
     # A quantized model must be placed at load time; each rank takes its own GPU. DeepSpeed and
-    # DDP place a 16-bit model themselves.
+    # DDP place a 16-bit model themselves. Under ZeRO-3 too: transformers (5.17) loads a quantized
+    # model whole, without zero.Init, and DeepSpeed splits it when training starts; with no
+    # device_map bitsandbytes would pick torch.cuda.current_device(), GPU 0 on every rank this early.
     if not config.use_qlora:
         return None
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return {"": "cpu"}
+
+
+def _quant_storage(config: TrainConfig) -> dict:
+    # ZeRO-3 shards every weight as a flat tensor of the model's dtype and gathers it back per layer.
+    # Packed into the compute dtype (4 values a bf16 element), a 4-bit weight is sharded like any
+    # other; bitsandbytes reads the bytes whatever dtype holds them.
+    if config.deepspeed and zero_stage(config.deepspeed) == 3:
+        return {"bnb_4bit_quant_storage": compute_dtype(config)}
+    return {}
+
+
+def _keep_4bit_layout(model: PreTrainedModel) -> None:
+    """Stops bitsandbytes (0.50) repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    Linear4bit.forward does it in place at the first forward in eval mode, and changes the
+    quant_state kept on the parameter. Under ZeRO-3 the repacked tensor is a gathered copy that is
+    dropped after the layer runs: later passes read the original layout with the repacked
+    quant_state (wrong outputs), and saving fails an assert in _convert_weight_packed_for_cpu_inverse.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_model(config: TrainConfig, attention: str) -> PreTrainedModel:
@@ -70,8 +97,11 @@ def load_model(config: TrainConfig, attention: str) -> PreTrainedModel:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(config),
+            **_quant_storage(config),
         )
     model = AutoModelForCausalLM.from_pretrained(config.model_id, device_map=_device_map(config), **kwargs)
+    if _quant_storage(config) and not torch.cuda.is_available():
+        _keep_4bit_layout(model)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return model
 
@@ -151,7 +181,11 @@ def add_adapter(model: PreTrainedModel, config: TrainConfig, targets: list[str])
 def merge_adapter(config: TrainConfig, adapter_dir: Path, merged_dir: Path) -> Path:
     """Writes base + adapter as one model. A QLoRA base is reloaded in 16-bit, never merged in 4-bit."""
     from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    # Rank 0 merges alone, after training. With a ZeRO-3 config still registered, transformers would
+    # load the base through zero.Init, sharded across ranks that have finished: it fails waiting for them.
+    unset_hf_deepspeed_config()
     dtype = compute_dtype(config) if config.bf16 or config.fp16 else torch.float32
     base = AutoModelForCausalLM.from_pretrained(config.model_id, dtype=dtype)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

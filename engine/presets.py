@@ -118,7 +118,10 @@ def recommend_preset(hardware: Hardware, folder: Path = PRESETS_DIR) -> tuple[Pr
             f"{count} (compute capability {major}.{minor}) has no bfloat16, so the fp16 preset is the "
             "one that runs."
         )
-    return load_preset("qlora-zero2", folder), (
+    why = (
         f"{count} ({gpu.memory_gib:.0f} GB) supports bfloat16; 4-bit QLoRA with ZeRO-2 uses the least "
         "memory, so larger batches and longer examples fit."
     )
+    if len(hardware.gpus) > 1:  # ZeRO-3 splits the model across GPUs: no help with one
+        why += " For a model too big to train on one of these GPUs, QLoRA + ZeRO-3 splits it across them."
+    return load_preset("qlora-zero2", folder), why

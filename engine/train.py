@@ -9,6 +9,7 @@ each after a `failed` event that says what happened and what to do.
 """
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -312,4 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Exempts the heap from the collection at interpreter exit, which took ~8 s of CPU per process
+    # walking the objects of every module transformers imports; the OS frees them instead.
+    gc.freeze()
+    sys.exit(code)

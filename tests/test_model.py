@@ -77,3 +77,25 @@ def test_qlora_keeps_embeddings_16bit_with_the_fp32_upcasts_numbers(tiny_mistral
     assert ours_grads.keys() == seed_grads.keys()
     for name, grad in ours_grads.items():
         assert torch.equal(grad, seed_grads[name]), name
+
+
+def test_under_zero3_4bit_weights_are_stored_in_the_compute_dtype_with_the_same_codes(tiny_mistral):
+    """ZeRO-3 splits each weight as a flat tensor of one dtype: the nf4 codes are packed into bf16
+    elements (4 an element) instead of uint8 (2), byte for byte the same, and stay so in eval mode on
+    a CPU (bitsandbytes' in-place CPU repacking is off: engine/model.py says why)."""
+    from engine.presets import load_preset
+
+    def load(name, train):
+        config = TrainConfig(model_id=str(tiny_mistral), use_qlora=True, bf16=True,
+                             deepspeed=load_preset(name).deepspeed)
+        model = load_model(config, "sdpa").train(train)  # train mode: bitsandbytes never repacks
+        with torch.no_grad():
+            logits = model(torch.tensor([[1, 415, 5565, 302, 4843]])).logits
+        return model.model.layers[0].self_attn.q_proj.weight, logits
+
+    zero2, zero2_logits = load("qlora-zero2", train=True)
+    zero3, zero3_logits = load("qlora-zero3", train=False)
+    assert zero2.dtype == torch.uint8 and zero3.dtype == torch.bfloat16 and zero3.numel() == 64 * 64 // 4
+    assert torch.equal(zero3.view(torch.uint8), zero2.view(-1, 2))
+    assert not getattr(zero3.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(zero3_logits, zero2_logits)
