@@ -51,25 +51,27 @@ class LinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         if torch.is_autocast_enabled(device):  # cast once, not in every chunk's matmul
             weight = weight.to(torch.get_autocast_dtype(device))
+        # The gradients reach the matmuls as in the standard path: fp32, divided by the divisor, then
+        # rounded to the matmul's dtype. Not in fp16: divided by a step's tokens before the loss scale
+        # multiplies them (in backward) they would underflow, so there the division waits for backward.
+        divisor = divisor.float()
+        early = divisor if weight.dtype != torch.float16 else torch.ones_like(divisor)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # Gradients of the summed loss, unnormalised: per row (softmax - one_hot) @ weight is at most
-        # 2 x max|weight|, in range even in fp16, where dividing by a step's tokens first could underflow.
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         step = max(1, CHUNK_LOGITS // weight.shape[0])
         for start in range(0, hidden.shape[0], step):
             rows = slice(start, start + step)
-            total += _chunk(hidden[rows], weight, targets[rows], grad_hidden, grad_weight, rows)
-        if want_weight and ctx.weight_dtype != torch.float16:
-            # A sum over every token can pass fp16's 65,504; bf16 and fp32 hold it.
+            total += _chunk(hidden[rows], weight, targets[rows], early, grad_hidden, grad_weight, rows)
+        if want_weight and ctx.weight_dtype != torch.float16:  # fp16 may not hold a sum not yet divided
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
+        ctx.save_for_backward(grad_hidden, grad_weight, divisor / early)
         return total / divisor
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weight, divisor = ctx.saved_tensors
-        scale = grad_output.float() / divisor
+        grad_hidden, grad_weight, late = ctx.saved_tensors
+        scale = grad_output.float() / late
         if grad_hidden is not None:
             grad_hidden = grad_hidden * scale
         if grad_weight is not None:
@@ -78,13 +80,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunk(
-    h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor,
+    h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, divisor: torch.Tensor,
     grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None, rows: slice,
 ) -> torch.Tensor:  # fmt: skip
-    """One chunk's summed loss; its gradients written into grad_hidden[rows] and added to grad_weight.
-
-    A function of its own so that the chunk's logits are freed before the next chunk's exist.
-    """
+    """One chunk's summed loss; its gradients (over divisor) written into grad_hidden[rows] and
+    added to grad_weight. A function of its own so that the chunk's logits are freed before the
+    next chunk's exist."""
     low = F.linear(h, weight)  # the output layer's own matmul and precision
     logits = low.float()
     target = logits.gather(1, t[:, None])
@@ -95,9 +96,10 @@ def _chunk(
     loss = (top + sums.log() - target).sum()
     if grad_hidden is None and grad_weight is None:
         return loss
-    grad = probs.div_(sums).scatter_add_(1, t[:, None], torch.full_like(sums, -1))  # softmax - one_hot
+    # (softmax - one_hot) / divisor
+    grad = probs.div_(sums * divisor).scatter_add_(1, t[:, None], (-1 / divisor).expand_as(sums))
     del logits, probs
-    grad = grad.to(low.dtype)  # as the gradient reaches the output layer in the standard path
+    grad = grad.to(low.dtype)
     del low
     if grad_hidden is not None:
         grad_hidden[rows] = grad @ weight

@@ -76,9 +76,10 @@ def test_under_bf16_autocast_it_keeps_the_output_layers_precision_and_dtypes(mon
     (want_hidden, want_weight) = torch.autograd.grad(want, (hidden, weight))
     (got_hidden, got_weight) = torch.autograd.grad(got, (hidden, weight))
     assert got_hidden.dtype == got_weight.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(got_hidden, want_hidden, rtol=2e-2, atol=1e-4)
-    torch.testing.assert_close(got_weight, want_weight, rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # bf16 logits, fp32 loss: both
+    assert_same_gradient(got_hidden, want_hidden)  # rounded to bf16 where the standard path rounds
+    # The weight's: each chunk's bf16 product summed in fp32, where the standard path rounds the whole sum once.
+    torch.testing.assert_close(got_weight, want_weight, rtol=0, atol=1e-2 * float(want_weight.abs().max()))
 
 
 def _model(tiny_mistral, peft_type: PeftType):
