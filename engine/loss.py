@@ -4,14 +4,14 @@ A causal LM's standard forward turns every position's hidden state into a score 
 the vocabulary (the logits) and takes the cross-entropy of those. For one 8,192-token pass of a
 32k-vocabulary model that is 8,192 x 32,000 scores: 0.5 GiB in bf16, 1 GiB in fp32 for the loss,
 and as much again for the log-softmax the loss keeps and for its gradient, the largest buffers of
-a QLoRA step (four times as much for a 128k vocabulary). Here the output layer and the loss run together over chunks of label tokens:
-each chunk's logits are computed in fp32 (as transformers upcasts them), give the chunk's summed
-loss and, in the same pass, its gradients with respect to the hidden states and (when trained) the
-output weight. Backward then only scales those gradients: nothing is recomputed and at most one
-chunk's logits exist at a time. This is the idea of Liger's fused linear cross-entropy and of
-Apple's "cut cross-entropy", whose kernels are Triton (CUDA only); this is plain torch, so it runs
-on CPUs, any GPU and fp16 cards alike. Only positions that have a label are computed, so masked
-prompts cost nothing.
+a QLoRA step (four times as much for a 128k vocabulary). Here the output layer and the loss run
+together over chunks of label tokens: each chunk's logits are computed in fp32 (as transformers
+upcasts them), give the chunk's summed loss and, in the same pass, its gradients with respect to
+the hidden states and (when trained) the output weight. Backward then only scales those
+gradients: nothing is recomputed and at most one chunk's logits exist at a time. This is the idea
+of Liger's fused linear cross-entropy and of Apple's "cut cross-entropy", whose kernels are Triton
+(CUDA only); this is plain torch, so it runs on CPUs, any GPU and fp16 cards alike. Only positions
+that have a label are computed, so masked prompts cost nothing.
 
 `install` patches one model instance: in training, with labels, its forward runs the decoder and
 this loss and returns no logits; otherwise (evaluation, generation) it is the model's own forward.

@@ -82,6 +82,20 @@ def test_under_bf16_autocast_it_keeps_the_output_layers_precision_and_dtypes(mon
     torch.testing.assert_close(got_weight, want_weight, rtol=0, atol=1e-2 * float(want_weight.abs().max()))
 
 
+def test_in_fp16_gradients_divided_by_a_long_steps_tokens_survive_until_the_loss_scale(monkeypatch):
+    _chunks_of(monkeypatch, 8, SMALL_VOCAB)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 29, 64, generator=g).half().requires_grad_()
+    weight = (torch.randn(SMALL_VOCAB, 64, generator=g) * 0.3).half()
+    labels, num_items, loss_scale = _labels(29, g), 500_000, 65536.0  # a 500k-token step, GradScaler's scale
+    (got,) = torch.autograd.grad(loss.causal_lm_loss(hidden, weight, labels, num_items) * loss_scale, hidden)
+    exact = hidden.detach().float().requires_grad_()
+    want = ForCausalLMLoss(torch.nn.functional.linear(exact, weight.float()), labels, SMALL_VOCAB,
+                           num_items_in_batch=num_items)
+    (want,) = torch.autograd.grad(want * loss_scale, exact)
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-3 * float(want.abs().max()))  # fp16's precision
+
+
 def _model(tiny_mistral, peft_type: PeftType):
     config = TrainConfig(model_id=str(tiny_mistral), lora_dropout=0.0, peft_type=peft_type)
     model = load_model(config, "sdpa")
