@@ -180,7 +180,6 @@ def test_it_stands_aside_for_liger_on_cuda_and_when_off(tiny_mistral, monkeypatc
         assert train.Recipe._chunked_loss(recipe) is expected
 
 
-@pytest.mark.slow
 def test_training_with_it_learns_exactly_as_without(tiny_mistral, tmp_path):
     """LoRA, gradient checkpointing, packed passes normalised by the step's label tokens."""
     curves = {}
