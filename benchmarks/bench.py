@@ -8,8 +8,8 @@ variant in a fresh process and prints one JSON line per variant; RESULTS.md keep
 
 Method, the same for every variant:
 - data: log-normal lengths (median 350, sigma 0.885, clipped to [16, 2048], fixed seed) or fixed
-  2,048-token examples, cut from seeded English-like text tokenized with Mistral's tokenizer; every
-  token is trained (train_on_prompt), so trained tokens = non-padding input tokens;
+  2,048- or 8,192-token examples, cut from seeded English-like text tokenized with Mistral's
+  tokenizer; every token is trained (train_on_prompt), so trained tokens = non-padding input tokens;
 - one epoch over the same examples (order shuffled by the same seed), learning rate 1e-5, cosine
   schedule with 3% warm-up, bf16, QLoRA nf4 + double quantization, r=32, alpha=64 on all 7 linear
   projections, gradient checkpointing;
@@ -40,9 +40,10 @@ BENCH = Path(".bench")  # prepared inputs, carried to the GPU
 # Built on the GPU machine, outside the repo copy (which a carried .bench/ replaces each call).
 # BENCH_MODEL points elsewhere, e.g. at a tiny model to try the plumbing on a CPU.
 MODEL = Path(os.environ.get("BENCH_MODEL", "/tmp/mistral-7b-random"))
-SETS = {  # name: (train examples, eval examples); about 96k and 82k train tokens
+SETS = {  # name: (train examples, eval examples); about 96k, 82k and 164k train tokens
     "realistic": (192, 8),
     "fixed2048": (40, 4),
+    "fixed8192": (20, 2),
 }
 WARMUP_STEPS = 2
 PEAK_FLOPS = 989e12  # dense bf16, H100 / H200 SXM datasheet
@@ -60,6 +61,9 @@ COMMON = {
 # (batch, accumulation) runs Unsloth (benchmarks/unsloth_run.py) instead of our engine.
 SEED_RECIPE = None
 BS16 = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}  # Unsloth's best: 16 x 1
+# Eval's own full logits (8 x 2,048 tokens: 3 GiB) would set the peak that the chunked loss lowers in training.
+EVAL1 = {"per_device_eval_batch_size": 1}
+LONG = {"max_length": 8192, **EVAL1}
 VARIANTS = {
     "seed-realistic": ("realistic", SEED_RECIPE),
     "engine-realistic": ("realistic", {}),  # the default: packed steps, passes of 2,048 tokens
@@ -92,6 +96,11 @@ VARIANTS = {
     "engine-auto-bs16-fixed2048": ("fixed2048", {**BS16, "auto_find_batch_size": "true", "eval_strategy": "no"}),
     "engine-auto-nopacking-bs16-fixed2048": (
         "fixed2048", {**BS16, "packing": "false", "auto_find_batch_size": "true", "eval_strategy": "no"}),
+    # chunked_loss (engine/loss.py, on by default) against the full logits, one example a pass
+    "engine-chunked-fixed2048": ("fixed2048", {"chunked_loss": "true", **EVAL1}),
+    "engine-nochunk-fixed2048": ("fixed2048", {"chunked_loss": "false", **EVAL1}),
+    "engine-chunked-fixed8192": ("fixed8192", {"chunked_loss": "true", **LONG}),
+    "engine-nochunk-fixed8192": ("fixed8192", {"chunked_loss": "false", **LONG}),
 }
 UNSLOTH_SITE = Path(".site-unsloth")  # its packages (trl, datasets 4, unsloth): see unsloth_run.py
 
@@ -131,7 +140,7 @@ def prepare() -> None:
         if name == "realistic":
             lengths = np.clip(np.round(rng.lognormal(math.log(350), 0.885, n)), 16, 2048)
         else:
-            lengths = np.full(n, 2048)
+            lengths = np.full(n, int(name.removeprefix("fixed")))
         lengths = lengths - 2  # bos and eos complete each example
         for split, part in (("train", lengths[:n_train]), ("eval", lengths[n_train:])):
             with open(BENCH / f"{name}-{split}.jsonl", "w") as f:

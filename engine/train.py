@@ -80,6 +80,7 @@ class Recipe:
         attention, why = model.pick_attention(config)
         log.info("attention: %s (%s)", attention, why)
         self.model = model.load_model(config, attention)
+        chunked_loss = self._chunked_loss()
         self.targets = config.lora_target_modules or model.resolve_target_modules(self.model)
         if config.peft_type != PeftType.none:
             log.info("adapter %s on %s", config.peft_type.value, ", ".join(self.targets))
@@ -96,6 +97,7 @@ class Recipe:
             "lora_target_modules": self.targets,
             "attention": attention,
             "chat_template_source": template_source,
+            "chunked_loss": chunked_loss,
         }
         self.trainer = self._build_trainer()
 
@@ -124,6 +126,20 @@ class Recipe:
 
             callbacks.append(OffloadCheckpoints())
         return callbacks
+
+    def _chunked_loss(self) -> bool:
+        """Installs the chunked loss on the model (before PEFT wraps it); whether it runs."""
+        from engine import loss
+        from engine.trainer_args import uses_liger
+
+        if not self.config.chunked_loss:
+            return False
+        if uses_liger(self.config):
+            why_not = "Liger's fused linear cross-entropy does the same on this GPU"
+        else:
+            why_not = loss.install(self.model)
+        log.info("chunked_loss: %s", f"off, {why_not}" if why_not else "on")
+        return why_not is None
 
     def _build_trainer(self):
         from transformers import DataCollatorForSeq2Seq

@@ -52,6 +52,11 @@ def deepspeed_keeps_adapter_fp32(config: TrainConfig) -> bool:
     return bool(config.deepspeed) and config.peft_type != PeftType.none
 
 
+def uses_liger(config: TrainConfig) -> bool:
+    """Liger's kernels are Triton: CUDA only; elsewhere the model's own modules run."""
+    return config.use_liger_kernel and torch.cuda.is_available()
+
+
 def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
     has_eval = datasets.eval is not None
     args = TrainingArguments(
@@ -75,8 +80,7 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available(),  # HF refuses bf16 on a CPU unless told it is one
         bf16=config.bf16 and not deepspeed_keeps_adapter_fp32(config),
         fp16=config.fp16,
-        # Liger's kernels are Triton: CUDA only; elsewhere the model's own modules run.
-        use_liger_kernel=config.use_liger_kernel and torch.cuda.is_available(),
+        use_liger_kernel=uses_liger(config),
         torch_compile=config.torch_compile,
         deepspeed=_deepspeed(config),
         # LoRA leaves most parameters frozen; DDP must not search the graph for unused ones.
