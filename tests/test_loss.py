@@ -11,7 +11,7 @@ from engine import loss, train
 from engine.config import PeftType, TrainConfig
 from engine.model import add_adapter, load_model
 from engine.packing import pack
-from tests.test_packing import ALL_LINEAR, _examples
+from tests.test_correctness import ALL_LINEAR, _examples
 from tests.test_train import fast, of, run_engine
 
 VOCAB = 32000  # the tiny models'
