@@ -134,20 +134,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per variant")
     parser.add_argument("--model_dir", type=Path, default=None,
                         help=f"an existing model (a tiny one on a CPU); default: build the 1B shape in {MODEL}")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="run only these (a device call too short for both)")
+    parser.add_argument("--earlier", type=Path, default=None,
+                        help="JSON lines printed by an earlier call: its variants join the comparison")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    results = {}
+    if args.earlier:
+        lines = [json.loads(line) for line in args.earlier.read_text().splitlines() if line.startswith('{"variant"')]
+        results = {r["variant"]: r for r in lines if r["variant"] not in args.variants}
     model_dir = args.model_dir or MODEL
     if args.model_dir is None:
         build_model(MODEL)
     gpus = [g.index for g in detect_gpus()][:2]
     RUNS.mkdir(parents=True, exist_ok=True)
     data = write_data(RUNS / "data.jsonl", examples=max(EXAMPLES_PER_STEP, args.steps * EXAMPLES_PER_STEP // 2))
-    results = {}
-    for name in VARIANTS:
+    for name in args.variants:
         results[name] = run_variant(name, model_dir, data, args.steps, gpus)
         print(json.dumps(results[name]), flush=True)
-    print(json.dumps({"compared": list(VARIANTS), **gaps(*results.values())}), flush=True)
+    if len(results) == len(VARIANTS):
+        print(json.dumps({"compared": list(VARIANTS), **gaps(*(results[name] for name in VARIANTS))}), flush=True)
 
 
 if __name__ == "__main__":
