@@ -149,7 +149,7 @@ def matrix() -> None:
                         measured = _train_step(recipe, changes, tokens, 2 * batch)
                     except torch.OutOfMemoryError:
                         measured = None
-                    predicted = estimate_memory(shape, qlora=qlora, batch_size=batch, max_length=tokens)
+                    predicted = estimate_memory(shape, recipe.config)
                     error = None if measured is None else predicted.peak_allocated_gib / measured - 1
                     _report(shape=shape_name, qlora=qlora, tokens=tokens, batch=batch, measured_gib=measured,
                             predicted_gib=predicted.peak_allocated_gib, error=error, parts=predicted.parts,

@@ -1,13 +1,14 @@
 """GPU memory: the per-process cap (TORCH_PER_PROCESS_MEMORY_LIMIT), out-of-memory explained, and
 the estimate of what a configuration needs, shown before a run starts."""
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 
 from engine.anyprecision import parse_options, state_bytes_per_param
-from engine.config import Optim
+from engine.config import Optim, PeftType, TrainConfig
 
 LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 
@@ -93,24 +94,26 @@ def out_of_memory_hint(config) -> str:
 
 # ---- the estimate shown before a run starts ----
 #
-# Calibrated on the seed recipe (QLoRA nf4 + double quantization, LoRA r=32 on all 7 projections,
-# gradient checkpointing, SDPA, micro-batch 1) with a Mistral-7B-shaped model on one H200
-# (../shared/notes/GPU.md): 7.75 GiB peak allocated at 2,048 tokens, growing about 0.95 GiB per
-# 1,000 tokens (13.47 at 8,192; 21.28 at 16,384). Each term below is a count of bytes with the
-# reason beside it; the two constants that are not derivable (the recomputed layer's working set
-# and the workspace) are what make the formula meet those measurements.
+# Each term is a count of bytes with its reason. Peak allocated memory comes at the start of the
+# backward pass: the weights, the trainable weights' optimizer state (gradients come and go layer by
+# layer), every layer's checkpointed input, and then the larger of the loss's buffers and one
+# layer's recomputation. The working set of that layer (LAYER_HIDDEN and LAYER_INTERMEDIATE values
+# of 16 bits per token) and WORKSPACE_GIB are the two constants not derived; they are fitted to our
+# engine's measured peaks on one H200 (benchmarks/RESULTS.md, run 14's probes: a 7B QLoRA at 2,048,
+# 4,096 and 8,192 tokens a pass, 1.0 MB a token) and the seed recipe's slope (GPU.md: 0.95 GiB per
+# 1,000 tokens).
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax
-WEIGHT_AND_GRADIENT_BYTES = 8  # of a trainable parameter: fp32 weight + fp32 gradient
-# Optimizer state per trainable parameter: AdamW's two moments in fp32, or in 8 bits (bitsandbytes:
-# uint8 each, plus an fp32 scale per block of 256). Paged states live in CUDA unified memory, on the
-# GPU until it runs short: counted here, though torch.cuda.max_memory_allocated() never sees them.
-# adamw_anyprecision's depend on its options (engine/anyprecision.py).
+MASTER_BYTES = 4  # a trainable parameter's own fp32 weight
 OPTIMIZER_BYTES = {
     Optim.adamw_torch: 8, Optim.adamw_torch_fused: 8, Optim.paged_adamw_32bit: 8,
     Optim.adamw_bnb_8bit: 2 + 2 * 4 / 256, Optim.paged_adamw_8bit: 2 + 2 * 4 / 256,
 }  # fmt: skip
-WORKSPACE_GIB = 0.7  # dequantised weight buffers, cuBLAS workspace, allocator rounding (measured)
+WORKSPACE_GIB = 0.2  # a dequantised weight, cuBLAS workspace, allocator rounding
+LAYER_HIDDEN = 14  # 16-bit values per token of one layer's recomputation, in units of hidden_size
+LAYER_INTERMEDIATE = 13  # and of intermediate_size (gate, up, activation, product, LoRA inputs)
+LOSS_BYTES = 14  # per token and vocabulary entry: 16-bit logits, their fp32 copy and its gradient
+CHUNK_LOGITS = 2**24  # engine/loss.py's chunk: the loss's largest buffer with chunked_loss
 CUDA_CONTEXT_GIB = 0.5  # held by every process, outside PyTorch's allocator
 FRAGMENTATION = 1.10  # reserved / allocated, as measured under load
 TIGHT_ABOVE = 0.85  # above this share of a GPU's memory a longer batch or a spike can fail
@@ -205,70 +208,72 @@ class MemoryEstimate:
         )
 
 
-def _parts(
-    shape: ModelShape, *, qlora: bool, peft: str, lora_r: int, tokens: int,
-    gradient_checkpointing: bool, num_gpus: int, zero2: bool, optimizer_bytes: float,
-) -> dict[str, float]:  # fmt: skip
+def _pass_tokens(config: TrainConfig) -> int:
+    """The most tokens one forward pass holds: pack_tokens (at least one example of max_length) when
+    packing, else a padded micro-batch's."""
+    if config.packing and config.pack_tokens:
+        return max(config.pack_tokens, config.max_length)
+    return config.per_device_train_batch_size * config.max_length
+
+
+def _parts(shape: ModelShape, config: TrainConfig, num_gpus: int, zero_stage: int) -> dict[str, float]:
     gib = 2**30
-    if qlora:
-        weights = shape.linear_params * NF4_BITS / 8 + shape.embedding_params * 2  # embeddings stay 16-bit
+    tokens = _pass_tokens(config)
+    sixteen_bit = config.bf16 or config.fp16
+    if config.use_qlora:  # the embedding and head stay 16-bit (engine/model.py)
+        weights = shape.linear_params * NF4_BITS / 8 + shape.embedding_params * 2
     else:
-        weights = shape.num_params * 2
-    trainable = shape.trainable_params(peft, lora_r)
-    # ZeRO-2 splits gradients and optimizer moments across GPUs (the fp32 weight stays whole);
-    # DDP keeps everything on every GPU, plus a bucket copy of the gradients for the all-reduce.
-    if zero2 and num_gpus > 1:
-        state = trainable * (4 + (WEIGHT_AND_GRADIENT_BYTES - 4 + optimizer_bytes) / num_gpus)
+        weights = shape.num_params * (2 if sixteen_bit else 4)
+    if zero_stage == 3 and num_gpus > 1:
+        weights /= num_gpus  # once training starts; each GPU holds them whole while loading (presets/README.md)
+    trainable = shape.trainable_params(config.peft_type.value, config.lora_r)
+    optimizer = optimizer_state_bytes(config.optim.value, config.optim_args)
+    # A LoRA's gradients come layer by layer, a few MB; a full finetune's all exist as backward ends.
+    # ZeRO-2 and 3 split gradients and optimizer state; DDP keeps a bucket copy for its all-reduce.
+    gradient = 4 if config.peft_type == PeftType.none else 0
+    if zero_stage >= 2 and num_gpus > 1:
+        state = trainable * (MASTER_BYTES + (4 + optimizer) / num_gpus)
     else:
-        state = trainable * (WEIGHT_AND_GRADIENT_BYTES + optimizer_bytes + (4 if num_gpus > 1 else 0))
-    # Activations per token: with checkpointing, one hidden state per layer is kept and a single
-    # layer is recomputed at a time; without it every layer's working set stays alive. Logits
-    # (bf16, their fp32 upcast and its gradient) are the largest single buffer for big vocabularies.
-    layer_working_set = (10 * shape.hidden_size + 8 * shape.intermediate_size) * 2
-    if gradient_checkpointing:
-        per_token = shape.num_layers * shape.hidden_size * 2 + layer_working_set
+        state = trainable * (MASTER_BYTES + gradient + optimizer + (4 if num_gpus > 1 else 0))
+
+    # Activations. The residual stream is fp32 under QLoRA's upcast_layernorm (and in fp32 training).
+    hidden_bytes = 4 if (config.use_qlora and config.upcast_layernorm) or not sixteen_bit else 2
+    mlp_tokens = min(tokens, shape.hidden_size) if config.tiled_mlp else tokens
+    layer = 2 * (LAYER_HIDDEN * shape.hidden_size * tokens + LAYER_INTERMEDIATE * shape.intermediate_size * mlp_tokens)
+    if config.gradient_checkpointing:
+        # Offloaded, two layers' inputs are on the GPU: the one recomputing and the one fetched next.
+        kept = 2 if config.offload_activations and torch.cuda.is_available() else shape.num_layers
+        activations = kept * shape.hidden_size * hidden_bytes * tokens + layer
     else:
-        per_token = shape.num_layers * layer_working_set
-    per_token += shape.vocab_size * 14
+        activations = shape.num_layers * layer
+    if config.chunked_loss or config.use_liger_kernel:  # one chunk of logits, and the hidden states' gradient
+        loss = min(tokens * shape.vocab_size, CHUNK_LOGITS) * 8 + 2 * shape.hidden_size * hidden_bytes * tokens
+    else:
+        loss = shape.vocab_size * LOSS_BYTES * tokens
+    if not config.gradient_checkpointing:
+        loss += layer  # nothing is recomputed: the loss's buffers come on top of every layer's
     return {
         "model weights": weights / gib,
-        "trainable weights, gradients and optimizer": state / gib,
-        "activations": per_token * tokens / gib,
+        "trainable weights and optimizer": state / gib,
+        "activations": activations / gib,
+        "loss": max(0.0, loss - layer) / gib,  # only what the loss holds beyond a layer's recomputation
         "workspace": WORKSPACE_GIB,
     }
 
 
 def estimate_memory(
-    shape: ModelShape,
-    *,
-    qlora: bool,
-    peft: str = "lora",
-    lora_r: int = 32,
-    batch_size: int = 1,
-    max_length: int = 2048,
-    pack_tokens: int = 0,
-    gradient_checkpointing: bool = True,
-    num_gpus: int = 1,
-    zero2: bool = False,
-    optim: str = "adamw_torch",
-    optim_args: str | None = None,
+    shape: ModelShape, config: TrainConfig, *, num_gpus: int = 1, zero_stage: int = 0,
     available_gib: float | None = None,
-) -> MemoryEstimate:
-    """Per-GPU memory for training `shape` with these settings, and a verdict against `available_gib`.
+) -> MemoryEstimate:  # fmt: skip
+    """Per-GPU memory to train `shape` as `config` says, and a verdict against `available_gib`.
 
-    A worst case: every forward pass full, `batch_size` examples of `max_length` tokens, or with
-    `pack_tokens` that many tokens (or one example of max_length, if longer). ValueError for
+    A worst case: every forward pass full (a padded micro-batch of max_length examples, or with packing
+    pack_tokens tokens). zero_stage: the DeepSpeed ZeRO stage (0 without DeepSpeed). ValueError for
     optim_args that adamw_anyprecision cannot parse.
     """
-    settings = dict(qlora=qlora, peft=peft, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
-                    num_gpus=num_gpus, zero2=zero2, optimizer_bytes=optimizer_state_bytes(optim, optim_args))
 
     def needed_with(changes: dict) -> tuple[float, dict[str, float]]:
-        merged = {**settings, "batch_size": batch_size, "max_length": max_length, "pack_tokens": pack_tokens,
-                  **changes}
-        batch, length, packed = merged.pop("batch_size"), merged.pop("max_length"), merged.pop("pack_tokens")
-        tokens = max(packed, length) if packed else batch * length
-        parts = _parts(shape, tokens=tokens, **merged)
+        parts = _parts(shape, dataclasses.replace(config, **changes), num_gpus, zero_stage)
         return sum(parts.values()) * FRAGMENTATION + CUDA_CONTEXT_GIB, parts
 
     total, parts = needed_with({})
@@ -285,22 +290,31 @@ def estimate_memory(
     estimate.verdict = "tight" if total <= available_gib else "will not fit"
     # Levers, most effective first, applied one after another until the estimate fits the budget.
     budget = TIGHT_ABOVE * available_gib
+    batch, pack_tokens = config.per_device_train_batch_size, config.pack_tokens if config.packing else 0
     levers = [
-        (pack_tokens > batch_size * max_length, dict(pack_tokens=0),
+        (pack_tokens > batch * config.max_length, dict(pack_tokens=0),
          f"lower pack_tokens (now {pack_tokens}) to 0: a pass then holds what one padded micro-batch would"),
-        (peft == "none", dict(peft="lora", qlora=True), "train a LoRA adapter (QLoRA) instead of the full model"),
-        (peft != "none" and not qlora, dict(qlora=True), "use 4-bit QLoRA (the qlora-zero2 or fp16 preset)"),
-        (not gradient_checkpointing, dict(gradient_checkpointing=True), "turn on gradient checkpointing"),
-        (batch_size > 1, dict(batch_size=1),
+        (config.peft_type == PeftType.none, dict(peft_type=PeftType.lora, use_qlora=True),
+         "train a LoRA adapter (QLoRA) instead of the full model"),
+        (config.peft_type != PeftType.none and not config.use_qlora, dict(use_qlora=True),
+         "use 4-bit QLoRA (the qlora-zero2 or fp16 preset)"),
+        (not config.gradient_checkpointing, dict(gradient_checkpointing=True), "turn on gradient checkpointing"),
+        (not config.chunked_loss, dict(chunked_loss=True), "turn on chunked_loss"),
+        (batch > 1, dict(per_device_train_batch_size=1),
          "lower the batch size to 1 (raise gradient accumulation to keep the effective batch)"),
+        (torch.cuda.is_available() and not config.offload_activations, dict(offload_activations=True),
+         "turn on offload_activations"),
+        (not config.tiled_mlp and config.max_length > shape.hidden_size, dict(tiled_mlp=True), "turn on tiled_mlp"),
     ]
     changes: dict = {}
     for applies, change, words in levers:
-        if applies and needed_with(changes)[0] > budget:
+        now = needed_with(changes)[0]
+        if applies and now > budget and needed_with({**changes, **change})[0] < now:
             changes.update(change)
             estimate.advice.append(words)
     if needed_with(changes)[0] > budget:
-        fitting = _longest_fitting_length(lambda n: needed_with({**changes, "max_length": n})[0], budget, max_length)
+        fitting = _longest_fitting_length(lambda n: needed_with({**changes, "max_length": n})[0], budget,
+                                          config.max_length)
         if fitting:
             estimate.advice.append(f"lower max_length to {fitting} tokens")
         else:

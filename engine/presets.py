@@ -41,6 +41,13 @@ class Preset:
     min_compute_capability: float | None = None
     path: Path = field(default=PRESETS_DIR, compare=False)
 
+    @property
+    def zero_stage(self) -> int:
+        """The DeepSpeed ZeRO stage it trains with; 0 without DeepSpeed."""
+        from engine.zero import zero_stage
+
+        return zero_stage(self.deepspeed) if self.deepspeed else 0
+
 
 def _load(path: Path) -> Preset:
     def fail(key: str, message: str) -> PresetError:

@@ -82,9 +82,9 @@ def test_the_optimizer_is_picked_from_a_list_and_its_state_is_in_the_estimate():
         text = model_step.estimate_markdown(t4, preset, config, "mistralai/Mistral-7B-Instruct-v0.2")
         return next((line for line in text.splitlines() if "optimizer:" in line), text)
 
-    # 84M LoRA weights: fp32 weight + gradient (8 bytes) + AdamW's 8, or 8-bit's 2.03.
-    assert state_line() == "- trainable weights, gradients and optimizer: 1.25 GiB"
-    assert state_line(optim="adamw_bnb_8bit") == "- trainable weights, gradients and optimizer: 0.78 GiB"
+    # 84M LoRA weights: the fp32 weight (4 bytes) + AdamW's 8, or 8-bit's 2.03.
+    assert state_line() == "- trainable weights and optimizer: 0.94 GiB"
+    assert state_line(optim="adamw_bnb_8bit") == "- trainable weights and optimizer: 0.47 GiB"
     assert "not available: optim_args: unknown option 'kahan'" in state_line(
         optim="adamw_anyprecision", optim_args="kahan=true")
 

@@ -183,14 +183,8 @@ def estimate_markdown(ctx: Context, preset: Preset, config: TrainConfig, model: 
     on_gpu = bool(gpus)
     available = min((g.memory_gib for g in ctx.hardware.gpus), default=None) if on_gpu else ctx.hardware.ram_gib
     try:
-        estimate = estimate_memory(
-            ctx.model_shape(model), qlora=config.use_qlora, peft=config.peft_type.value, lora_r=config.lora_r,
-            batch_size=config.per_device_train_batch_size, max_length=config.max_length,
-            pack_tokens=config.pack_tokens if config.packing else 0,
-            gradient_checkpointing=config.gradient_checkpointing, num_gpus=max(1, len(gpus)),
-            zero2=bool(preset.launcher.get("use_deepspeed")), optim=config.optim.value,
-            optim_args=config.optim_args, available_gib=available or None,
-        )  # fmt: skip
+        estimate = estimate_memory(ctx.model_shape(model), config, num_gpus=max(1, len(gpus)),
+                                   zero_stage=preset.zero_stage, available_gib=available or None)
     except ValueError as e:  # a model whose shape is unknown, or optim_args that do not parse
         return f"**Memory estimate:** not available: {e}."
     icon = {"fits": "✓", "tight": "⚠", "will not fit": "✗"}.get(estimate.verdict, "ℹ")
