@@ -9,6 +9,7 @@ each after a `failed` event that says what happened and what to do.
 """
 
 import errno
+import functools
 import gc
 import json
 import logging
@@ -237,6 +238,7 @@ class Recipe:
         )
 
 
+@functools.cache  # once a process: torch sorts its registry, and two entries of one priority do not sort
 def _restore_cpu_index_locations() -> None:
     """Lets torch.load restore to "cpu:0": on resume, HF maps the optimizer state to args.device,
     which multi-process CPU training reports as "cpu:0", a location torch only knows as "cpu"

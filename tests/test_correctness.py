@@ -343,35 +343,39 @@ CHAT = {"messages": [
 PROMPT_COMPLETION = {"prompt": "Q: What is the capital of Germany?\nA:", "completion": " Berlin, on the Spree."}
 
 
+@pytest.mark.parametrize("chunked_loss", ["true", "false"])
 @pytest.mark.parametrize("example,trained", [
     (PROMPT_COMPLETION, ["Berlin, on the Spree.</s>"]),
     (CHAT, ["The capital of France is Paris.</s>", "Rome.</s>"]),
 ], ids=["prompt-completion", "chat"])
 def test_with_train_on_prompt_false_no_gradient_comes_from_prompt_tokens(tiny_mistral, tokenizer, tmp_path,
-                                                                        example, trained):
-    """Gradient, not labels: the loss's gradient w.r.t. the logits that predict a prompt, system or user
-    token is exactly zero (changing such a token as a target changes nothing); the tokens whose logits
-    get a gradient, read back as text, are the completion or each assistant reply, with its eos."""
+                                                                        example, trained, chunked_loss):
+    """Gradient, not labels: the loss's gradient w.r.t. the last hidden state at each position that
+    predicts a prompt, system or user token is exactly zero (the output layer reads each position on
+    its own, so changing such a token as a target changes nothing); the tokens whose positions get a
+    gradient, read back as text, are the completion or each assistant reply, with its eos. Both with
+    the full logits and with engine/loss.py's chunked loss, which never makes them."""
     data = write_jsonl(tmp_path / "one.jsonl", [example])
     flags = _flags(model_id=tiny_mistral, train_data=data, output_dir=tmp_path / "out", train_on_prompt="false",
                    packing="false", per_device_train_batch_size=1, gradient_accumulation_steps=1,
-                   lora_dropout=0.0, eval_size=0)
+                   lora_dropout=0.0, eval_size=0, chunked_loss=chunked_loss)
     recipe = train.Recipe(parse_args(flags))
     recipe.setup()
     trainer, model = recipe.trainer, recipe.trainer.model
     (batch,), num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 1, trainer.args.device)
-    logits = []
+    hidden = []
 
-    def keep_logits(module, args, out):
+    def keep_hidden(module, args, out):
         out.retain_grad()
-        logits.append(out)
+        hidden.append(out)
 
-    hook = model.get_output_embeddings().register_forward_hook(keep_logits)
+    hook = model.get_decoder().norm.register_forward_hook(keep_hidden)
     try:
         trainer.training_step(model, batch, num_items)
     finally:
         hook.remove()
-    grad = logits[0].grad[0]  # (tokens, vocabulary): row t predicts token t + 1
+    assert recipe.resolved["chunked_loss"] is (chunked_loss == "true")
+    grad = hidden[0].grad[0]  # (tokens, hidden): row t predicts token t + 1
     ids = batch["input_ids"][0].tolist()
     learned = [t + 1 for t in range(len(ids) - 1) if grad[t].abs().sum() > 0]
     assert not grad[-1].any()
