@@ -151,14 +151,15 @@ def prepare() -> None:
 
 # ---- run (GPU) ----
 
-def build_model() -> None:
-    """Mistral-7B's shape, random bf16 weights, built on the GPU: seconds, no download."""
+def build_model(folder: Path = MODEL, config=None) -> None:
+    """A model of `config`'s shape (default: Mistral-7B's) with random bf16 weights, built on the
+    GPU into `folder` with the benchmark's tokenizer: seconds, no download."""
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    if (MODEL / "tokenizer_config.json").exists():  # written last: a build cut short is redone
+    if (folder / "tokenizer_config.json").exists():  # written last: a build cut short is redone
         return
-    config = MistralConfig(
+    config = config or MistralConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
         rope_theta=1e6, sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
@@ -166,9 +167,9 @@ def build_model() -> None:
     torch.manual_seed(SEED)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(MODEL)
+    model.save_pretrained(folder)
     for f in (BENCH / "tokenizer").iterdir():
-        shutil.copy(f, MODEL / f.name)
+        shutil.copy(f, folder / f.name)
     # This process goes on to sample or launch runs: hand the 14 GiB back, or nvidia-smi counts
     # them in every run's per-GPU memory (it did in the first 2-GPU stop test).
     del model

@@ -27,13 +27,12 @@ On a CPU, `--model_dir` (a tiny model, tests/conftest.py) and `--steps` try the 
 import argparse
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import BENCH, _words
+from benchmarks.bench import _words, build_model
 from engine.events import read_events
 from engine.hardware import detect_gpus
 from engine.launch import ACTIVE, run_status, start_run
@@ -47,27 +46,15 @@ WINDOW = 50  # steps per mean in the drift gap
 VARIANTS = {"ddp": ("ddp", {}), "zero2": ("qlora-zero2", {"use_qlora": False})}
 
 
-def build_model(folder: Path) -> None:
-    """TinyLlama-1.1B's shape with Mistral's vocabulary, random bf16 weights, built on the GPU."""
-    import torch
-    from transformers import AutoModelForCausalLM, MistralConfig
+def tinyllama_shape():
+    """TinyLlama-1.1B's shape with Mistral's vocabulary (benchmarks.bench.build_model gives it random weights)."""
+    from transformers import MistralConfig
 
-    if (folder / "config.json").exists():
-        return
-    config = MistralConfig(
+    return MistralConfig(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
         sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )
-    torch.manual_seed(SEED)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    for f in (BENCH / "tokenizer").iterdir():
-        shutil.copy(f, folder / f.name)
-    del model  # the runs need the GPU memory; this process only watches them
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def write_data(path: Path, examples: int) -> Path:
@@ -147,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {r["variant"]: r for r in lines if r["variant"] not in args.variants}
     model_dir = args.model_dir or MODEL
     if args.model_dir is None:
-        build_model(MODEL)
+        build_model(MODEL, tinyllama_shape())
     gpus = [g.index for g in detect_gpus()][:2]
     RUNS.mkdir(parents=True, exist_ok=True)
     data = write_data(RUNS / "data.jsonl", examples=max(EXAMPLES_PER_STEP, args.steps * EXAMPLES_PER_STEP // 2))

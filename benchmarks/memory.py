@@ -131,12 +131,13 @@ def _report(**fields) -> None:
 def matrix() -> None:
     """Predicted vs measured peak on one GPU, for every configuration of the matrix."""
     import torch
+    from transformers import LlamaConfig
 
     from engine.memory import ModelShape, estimate_memory
 
     for shape_name, fields in SHAPES.items():
         model_dir = Path(f"/tmp/memory-{shape_name}")
-        _build(model_dir, fields)
+        build_model(model_dir, LlamaConfig(**fields, bos_token_id=1, eos_token_id=2, max_position_embeddings=32768))
         shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
         for qlora in (True, False):
             recipe = _recipe(model_dir, {"use_qlora": str(qlora).lower(), "max_length": 8192, "max_steps": 2,
@@ -156,25 +157,6 @@ def matrix() -> None:
                             model_gib=loaded)
             del recipe
             _free(torch.nn.Linear(1, 1))
-
-
-def _build(model_dir: Path, fields: dict) -> None:
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    if (model_dir / "tokenizer_config.json").exists():
-        return
-    config = LlamaConfig(**fields, bos_token_id=1, eos_token_id=2, max_position_embeddings=32768)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(model_dir)
-    for f in (BENCH / "tokenizer").iterdir():
-        shutil.copy(f, model_dir / f.name)
-    del model
-    torch.cuda.empty_cache()
 
 
 def main() -> None:
