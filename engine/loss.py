@@ -13,8 +13,9 @@ of Liger's fused linear cross-entropy and of Apple's "cut cross-entropy", whose 
 (CUDA only); this is plain torch, so it runs on CPUs, any GPU and fp16 cards alike. Only positions
 that have a label are computed, so masked prompts cost nothing.
 
-`install` patches one model instance: in training, with labels, its forward runs the decoder and
-this loss and returns no logits; otherwise (evaluation, generation) it is the model's own forward.
+`install` patches one model instance: given labels, in training or without gradients (evaluation),
+its forward runs the decoder and this loss and returns no logits; without labels (generation) it is
+the model's own forward.
 """
 
 import functools
@@ -167,7 +168,7 @@ def install(model: PreTrainedModel) -> str | None:
     """Makes this model instance train with the chunked loss; returns why not if it can't.
 
     Patched on the instance before PEFT wraps it, so a LoRA, DDP or DeepSpeed wrapper calls it as
-    the model's forward; evaluation and generation still get the model's own forward with logits.
+    the model's forward; evaluation gets the loss alone, generation the model's own forward with logits.
     """
     reason = unsupported(model)
     if reason:
@@ -176,7 +177,10 @@ def install(model: PreTrainedModel) -> str | None:
 
     @functools.wraps(own_forward)  # the Trainer reads the signature: **kwargs takes num_items_in_batch
     def forward(*args, labels: torch.Tensor | None = None, **kwargs):
-        if args or labels is None or not model.training or not torch.is_grad_enabled():
+        # Evaluation with labels wants only the loss (the Trainer asks for no logits without metrics),
+        # so it runs chunked too and peaks no higher than training; eval mode with gradients on is
+        # someone's own analysis, and gets the model's own forward.
+        if args or labels is None or (torch.is_grad_enabled() and not model.training):
             return own_forward(*args, labels=labels, **kwargs)
         head = model.get_output_embeddings()
         problem = _head_problem(head)

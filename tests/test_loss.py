@@ -194,3 +194,17 @@ def test_training_with_it_learns_exactly_as_without(tiny_mistral, tmp_path):
     for (loss_on, norm_on), (loss_off, norm_off) in zip(curves["true"], curves["false"], strict=True):
         assert loss_on == pytest.approx(loss_off, rel=1e-5)
         assert norm_on == pytest.approx(norm_off, rel=1e-4)
+
+
+def test_evaluation_with_labels_gives_the_loss_without_the_full_logits(tiny_mistral, small_chunks):
+    """The Trainer's eval (no gradients, labels, no metrics) peaks no higher than training; a
+    forward without labels (generation, the playground) still gets every logit."""
+    model = _model(tiny_mistral, PeftType.lora).eval()
+    batch = pack(_examples())
+    with torch.no_grad():
+        with LargestTensor() as largest:
+            chunked = model(**batch)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert chunked.logits is None and largest.numel == 8 * VOCAB  # one chunk's logits at most
+    want = ForCausalLMLoss(logits, batch["labels"], VOCAB)
+    torch.testing.assert_close(chunked.loss, want, rtol=1e-6, atol=1e-6)
