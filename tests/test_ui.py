@@ -1,12 +1,14 @@
 """The UI's pieces without a browser: the form built from TrainConfig, data views, the estimate text."""
 
 import dataclasses
+import json
 
 import pytest
 from conftest import write_jsonl
 
 from engine.config import FIELDS
 from engine.data import check_jsonl
+from engine.events import read_events
 from engine.hardware import GPU, Hardware
 from engine.launch import RunInfo
 from engine.presets import list_presets, load_preset, make_config
@@ -126,3 +128,16 @@ def test_a_failed_run_shows_its_sentence_and_hint_not_a_traceback(tmp_path):
     assert "The GPU ran out of memory." in shown["error"] and "lower max_length" in shown["error"]
     assert "Traceback" not in shown["error"]
     assert "failed" in shown["status"]
+
+
+def test_what_the_batch_finder_chose_is_shown_with_the_status(tmp_path):
+    """engine/batch_finder.py's sentence, from the started event, under the status line."""
+    (tmp_path / "events.jsonl").write_text(json.dumps({
+        "time": 1.0, "event": "started", "total_steps": 3,
+        "auto_batch": {"value": 9216, "why": "auto_find_batch_size: pack_tokens 9216 (was 32768); ..."}}) + "\n")
+    info = RunInfo(run_id="r1", status="running", preset="cpu-tiny", run_dir=tmp_path, created_at=0.0, command="x")
+    session = Session(run_id="r1")
+    for event in read_events(tmp_path / "events.jsonl", 0)[0]:
+        train_step.apply_event(session, event)
+    status = train_step.view(session, info)[2]
+    assert "Training" in status and "auto_find_batch_size: pack_tokens 9216 (was 32768)" in status

@@ -124,6 +124,7 @@ class Session:
     queue_position: int | None = None  # while queued: 1 starts next
     total_steps: int | None = None
     started_at: float | None = None
+    auto_batch: str | None = None  # with auto_find_batch_size: what the finder chose and why
     points: list[dict] = field(default_factory=list)  # step, loss, split: the loss plot
     log_lines: list[str] = field(default_factory=list)  # the tail of stdout.log
     last_log: dict = field(default_factory=dict)  # the newest `log` event

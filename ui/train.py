@@ -87,19 +87,25 @@ def follow(ctx: Context, session: Session) -> tuple[RunInfo, bool]:
     session.status, session.queue_position = info.status, position
     events, session.events_offset = read_events(info.run_dir / "events.jsonl", session.events_offset)
     for event in events:
-        kind = event["event"]
-        if kind == "started":
-            session.total_steps, session.started_at = event.get("total_steps"), event["time"]
-        elif kind == "log" and event.get("loss") is not None:
-            session.last_log = event
-            session.points.append({"step": event["step"], "loss": event["loss"], "split": "train"})
-        elif kind == "eval" and event.get("eval_loss") is not None:
-            session.points.append({"step": event["step"], "loss": event["eval_loss"], "split": "eval"})
-        elif kind in ("finished", "stopped", "failed"):
-            session.final = event
+        apply_event(session, event)
     changed |= bool(events)
     changed |= _read_log(info, session)
     return info, changed
+
+
+def apply_event(session: Session, event: dict) -> None:
+    """One event of the run's events.jsonl into what the tab shows."""
+    kind = event["event"]
+    if kind == "started":
+        session.total_steps, session.started_at = event.get("total_steps"), event["time"]
+        session.auto_batch = (event.get("auto_batch") or {}).get("why")
+    elif kind == "log" and event.get("loss") is not None:
+        session.last_log = event
+        session.points.append({"step": event["step"], "loss": event["loss"], "split": "train"})
+    elif kind == "eval" and event.get("eval_loss") is not None:
+        session.points.append({"step": event["step"], "loss": event["eval_loss"], "split": "eval"})
+    elif kind in ("finished", "stopped", "failed"):
+        session.final = event
 
 
 def _read_log(info: RunInfo, session: Session) -> bool:
@@ -147,10 +153,11 @@ def view(session: Session, info: RunInfo | None) -> tuple:
         hint = final.get("hint") or "Open the training log below for details."
         error = f"### ✗ {html.escape(sentence)}\n\n**What to do:** {html.escape(hint)}"
     live = info.status in ACTIVE
+    finder = f"  \n{html.escape(session.auto_batch)}" if session.auto_batch else ""
     return (
         gr.update(interactive=not live and session.train_data is not None),
         gr.update(interactive=info.status in ("queued", "running")),
-        status_line(info, session.queue_position),
+        status_line(info, session.queue_position) + finder,
         progress_html(step, total, eta),
         " · ".join(metrics),
         _frame(session.points, "train"),
