@@ -118,6 +118,14 @@ def _limit(case: str) -> str | None:
     return text
 
 
+def _predicted(preset, config, num_gpus: int) -> float:
+    """The estimate the UI would show for this run (a worst case: every pass full)."""
+    from engine.memory import ModelShape, estimate_memory
+
+    shape = ModelShape.from_config(json.loads((MODEL / "config.json").read_text()))
+    return estimate_memory(shape, config, num_gpus=num_gpus, zero_stage=preset.zero_stage).peak_allocated_gib
+
+
 def measure(case: str) -> dict:
     preset_name, gpus, flags = CASES[case]
     preset = load_preset(preset_name)
@@ -128,7 +136,8 @@ def measure(case: str) -> dict:
     sampler.start()
     started = time.time()
     try:
-        info = _wait(start_run(preset, _config(preset, **flags), gpus=gpus, runs_dir=RUNS).run_id,
+        config = _config(preset, **flags)
+        info = _wait(start_run(preset, config, gpus=gpus, runs_dir=RUNS).run_id,
                      timeout=HANG_S if case.startswith("oom-") else None)
     finally:
         os.environ.pop("TORCH_PER_PROCESS_MEMORY_LIMIT", None)
@@ -151,6 +160,7 @@ def measure(case: str) -> dict:
         result |= {
             "tokens_per_s": round(tokens / seconds), "step_s": round(seconds / len(after), 3),
             "rank0_peak_allocated_gib": max(e["gpu_memory_gib"] for e in logs),
+            "predicted_gib": _predicted(preset, config, len(gpus)),  # engine/memory.py's estimate, per GPU
             "rank0_weights_gib": _events(info, "started")[0].get("weights_gib"),  # its ZeRO-3 share
             "losses": [round(e["loss"], 4) for e in logs], "grad_norms": [round(e["grad_norm"], 4) for e in logs],
             "command": info.command,
