@@ -167,12 +167,13 @@ def main() -> None:
     longest.add_argument("--limits", type=float, nargs="+", default=[16, 24, 80], help="GiB per process")
     longest.add_argument("--tool", choices=["engine", "unsloth"], default="engine")
     longest.add_argument("--max_tokens", type=int, default=131072, help="the ladder's top")
+    longest.add_argument("--min_tokens", type=int, default=8192, help="the ladder's first step (known to fit)")
     longest.add_argument("flags", nargs=argparse.REMAINDER, help="engine flags after --, as --name value")
     sub.add_parser("matrix", help="the estimate against measured peaks")
     args = parser.parse_args()
     if args.command == "matrix":
         return matrix()
-    ladder = [n for n in LADDER if n <= args.max_tokens]
+    ladder = [n for n in LADDER if args.min_tokens <= n <= args.max_tokens]
     if args.tool == "unsloth":
         from benchmarks.unsloth_run import longest_unsloth
 
