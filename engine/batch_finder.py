@@ -281,8 +281,9 @@ def _found(config: TrainConfig, value: int, own: int | None, sizes: list[int], t
            parts: dict[str, int], limit: int | None, limit_source: str, world: int, started: float) -> Found:
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     if config.packing:
-        setting, unit = "pack_tokens", "tokens"
-        was = config.pack_tokens or config.per_device_train_batch_size * config.max_length
+        from engine.packing import token_budget
+
+        setting, unit, was = "pack_tokens", "tokens", token_budget(config)
         changes = {"pack_tokens": value}
         keeps = (f"per_device_train_batch_size stays {config.per_device_train_batch_size}: a step still trains "
                  f"{per_step} examples per process")

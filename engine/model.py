@@ -89,6 +89,7 @@ def _keep_4bit_layout(model: PreTrainedModel) -> None:
 
 def load_model(config: TrainConfig, attention: str) -> PreTrainedModel:
     kwargs = {"dtype": compute_dtype(config), "attn_implementation": attention}
+    storage = _quant_storage(config)
     if config.use_qlora:
         from transformers import BitsAndBytesConfig
 
@@ -97,10 +98,10 @@ def load_model(config: TrainConfig, attention: str) -> PreTrainedModel:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(config),
-            **_quant_storage(config),
+            **storage,
         )
     model = AutoModelForCausalLM.from_pretrained(config.model_id, device_map=_device_map(config), **kwargs)
-    if _quant_storage(config) and not torch.cuda.is_available():
+    if storage and not torch.cuda.is_available():
         _keep_4bit_layout(model)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return model
