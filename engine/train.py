@@ -82,6 +82,7 @@ class Recipe:
         log.info("attention: %s (%s)", attention, why)
         self.model = model.load_model(config, attention)
         chunked_loss = self._chunked_loss()
+        self.compiled = self._compiled()
         self.targets = config.lora_target_modules or model.resolve_target_modules(self.model)
         if config.peft_type != PeftType.none:
             log.info("adapter %s on %s", config.peft_type.value, ", ".join(self.targets))
@@ -99,6 +100,7 @@ class Recipe:
             "attention": attention,
             "chat_template_source": template_source,
             "chunked_loss": chunked_loss,
+            "torch_compile": self.compiled,
         }
         self.trainer = self._build_trainer()
 
@@ -126,6 +128,10 @@ class Recipe:
             from engine.offload import OffloadCheckpoints
 
             callbacks.append(OffloadCheckpoints())
+        if self.compiled:  # last: it traces whichever forward the callbacks above leave
+            from engine.compile import CompileLayers
+
+            callbacks.append(CompileLayers())
         return callbacks
 
     def _chunked_loss(self) -> bool:
@@ -140,6 +146,16 @@ class Recipe:
         else:
             why_not = loss.install(self.model)
         log.info("chunked_loss: %s", f"off, {why_not}" if why_not else "on")
+        return why_not is None
+
+    def _compiled(self) -> bool:
+        """Whether torch_compile runs (engine/compile.py), logged with the reason when it cannot."""
+        from engine.compile import why_not_compiled
+
+        if not self.config.torch_compile:
+            return False
+        why_not = why_not_compiled(self.config)
+        log.info("torch_compile: %s", f"off, {why_not}" if why_not else "each decoder layer")
         return why_not is None
 
     def _build_trainer(self):

@@ -81,7 +81,6 @@ def training_arguments(config: TrainConfig, datasets) -> TrainingArguments:
         bf16=config.bf16 and not deepspeed_keeps_adapter_fp32(config),
         fp16=config.fp16,
         use_liger_kernel=uses_liger(config),
-        torch_compile=config.torch_compile,
         deepspeed=_deepspeed(config),
         # LoRA leaves most parameters frozen; DDP must not search the graph for unused ones.
         ddp_find_unused_parameters=False,

@@ -1,0 +1,50 @@
+"""torch_compile: each decoder layer compiled, the rest of the model left as it is.
+
+Between a layer's matrix products sit a dozen small element-wise steps (norms, rotary embeddings,
+SwiGLU, residual adds, each adapter's dropout, scaling and add), each its own kernel reading and
+writing the whole activation: at micro-batch 1 they take much of a step. Compiling the layer lets
+inductor fuse them. Only the layers: compiling the whole PEFT model (what TrainingArguments'
+torch_compile does) traces the 4-bit loading code, the adapter wrapper, the loss and the
+checkpointing too and breaks its graph at each. The layers share one code, so the graph traced
+for the first is reused by all (PyTorch's "regional compilation"), and the checkpointing, the
+offload hooks (engine/offload.py) and the loss around them run as before. The layer's inner
+forward is compiled, not the checkpointing call around it, so a recomputation reuses the graph.
+"""
+
+import torch
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from engine.config import TrainConfig
+from engine.zero import zero_stage
+
+
+def why_not_compiled(config: TrainConfig) -> str | None:
+    """Why torch_compile cannot run for this run, or None when it can."""
+    if config.deepspeed and zero_stage(config.deepspeed) == 3:
+        return "ZeRO-3 gathers each weight in hooks on every module, which a compiled layer would trace through"
+    if config.use_qlora and not torch.cuda.is_available():
+        # bitsandbytes repacks 4-bit weights on a CPU between training and evaluation: a compiled
+        # layer's graph holds the old layout (seen as a size assertion at the first evaluation).
+        return "bitsandbytes changes 4-bit weights' layout on a CPU, which a compiled graph cannot follow"
+    return None
+
+
+def compile_layers(model: PreTrainedModel) -> int:
+    """Compiles every decoder layer's forward once; returns how many layers are compiled."""
+    compiled = 0
+    for layer in model.modules():
+        if not isinstance(layer, GradientCheckpointingLayer):
+            continue
+        if not hasattr(layer.forward, "_torchdynamo_orig_callable"):  # a second train() on the same model
+            layer.forward = torch.compile(layer.forward)
+        compiled += 1
+    return compiled
+
+
+class CompileLayers(TrainerCallback):
+    """compile_layers at the start of training: after Liger's kernels and tiled MLPs are in, so
+    that the graph is traced through whichever forward runs."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        compile_layers(model)

@@ -1,0 +1,85 @@
+"""torch_compile (engine/compile.py): compiled decoder layers train to the same losses, with one
+graph shared by all the layers, and stand aside where they cannot run."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from engine import train
+from engine.compile import why_not_compiled
+from engine.config import parse_args
+from engine.presets import load_preset, make_config
+from tests.conftest import write_jsonl
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def six_layers(tiny_mistral, tmp_path_factory) -> Path:
+    """The tiny model with 6 layers: enough to tell a graph per layer from one shared graph."""
+    folder = tmp_path_factory.mktemp("six-layers")
+    config = AutoConfig.from_pretrained(tiny_mistral, num_hidden_layers=LAYERS)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (folder / name).write_bytes((Path(tiny_mistral) / name).read_bytes())
+    return folder
+
+
+def _losses(model_dir: Path, data: Path, out: Path, compile_: bool) -> tuple[list[float], bool]:
+    flags = {"model_id": model_dir, "train_data": data, "output_dir": out, "torch_compile": str(compile_).lower(),
+             "bf16": "false", "lora_dropout": 0.0, "max_steps": 4, "per_device_train_batch_size": 2,
+             "gradient_accumulation_steps": 2, "eval_size": 4, "eval_strategy": "steps", "eval_steps": 2,
+             "save_strategy": "no", "logging_steps": 1, "report_to": "none"}
+    recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
+    recipe.setup()
+    recipe.trainer.train()
+    history = recipe.trainer.state.log_history
+    return [h.get("loss", h.get("eval_loss")) for h in history if "loss" in h or "eval_loss" in h], recipe.compiled
+
+
+def test_compiled_layers_train_to_the_same_losses_with_one_graph_for_all_layers(six_layers, tmp_path):
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "the", "of", "model"]
+    # Mixed lengths: packed passes of changing sizes, so the shared graph must also take new shapes.
+    rows = [{"prompt": " ".join(rng.choices(words, k=rng.randint(3, 40))), "completion": " done."}
+            for _ in range(24)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+
+    eager, eager_compiled = _losses(six_layers, data, tmp_path / "eager", compile_=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, compiled_on = _losses(six_layers, data, tmp_path / "compiled", compile_=True)
+
+    assert (eager_compiled, compiled_on) == (False, True)
+    assert len(compiled) == len(eager) == 6  # 4 training steps, 2 evaluations
+    assert compiled == pytest.approx(eager, abs=2e-5)
+    # Per layer call, the forward of training and of evaluation, and a recompile for new lengths
+    # at most: far fewer graphs than layers, which is what compiling one layer's code buys.
+    assert 1 <= counters["stats"]["unique_graphs"] < LAYERS
+
+
+def test_compile_stands_aside_under_zero3_and_for_4bit_weights_on_a_cpu(tmp_path):
+    common = {"model_id": "m", "train_data": str(tmp_path / "d.jsonl")}
+    zero3, zero2 = load_preset("qlora-zero3"), load_preset("qlora-zero2")  # the launcher passes their JSON
+    assert "ZeRO-3" in why_not_compiled(make_config(zero3, **common, deepspeed=zero3.deepspeed))
+    zero2 = make_config(zero2, **common, deepspeed=zero2.deepspeed, use_qlora=False)
+    assert why_not_compiled(zero2) is None
+    if not torch.cuda.is_available():
+        qlora = make_config(load_preset("qlora-zero2"), **common)
+        assert "4-bit" in why_not_compiled(qlora)
+
+
+def test_the_trainer_never_compiles_the_whole_model(six_layers, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a b c", "completion": " d"}] * 4)
+    flags = ["--model_id", str(six_layers), "--train_data", str(data), "--output_dir", str(tmp_path / "o"),
+             "--torch_compile", "true", "--eval_size", "0", "--max_steps", "1"]
+    recipe = train.Recipe(parse_args(flags))
+    recipe.setup()
+    assert recipe.trainer.args.torch_compile is False
+    assert json.loads(json.dumps(recipe.resolved))["torch_compile"] is True
