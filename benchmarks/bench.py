@@ -73,6 +73,9 @@ VARIANTS = {
     "engine-pass8k-realistic": ("realistic", {"pack_tokens": 8192}),  # a step's 4 examples in one pass
     "engine-pass8k-liger-realistic": ("realistic", {"pack_tokens": 8192, "use_liger_kernel": "true"}),
     "engine-compile-realistic": ("realistic", {"torch_compile": "true"}),
+    "engine-bs16-compile-nodropout-realistic": ("realistic", {**BS16, "torch_compile": "true", "lora_dropout": 0}),
+    "engine-bs16-compile-lowmem-realistic": ("realistic", {**BS16, "torch_compile": "true", "lora_dropout": 0,
+                                                           "upcast_layernorm": "false", "offload_activations": "true"}),
     "engine-bs16-realistic": ("realistic", BS16),
     "engine-bs16-liger-realistic": ("realistic", {**BS16, "use_liger_kernel": "true"}),
     "engine-bs16-liger-nodropout-realistic": ("realistic", {**BS16, "use_liger_kernel": "true", "lora_dropout": 0}),
@@ -84,6 +87,7 @@ VARIANTS = {
     "engine-liger-fixed2048": ("fixed2048", {"use_liger_kernel": "true"}),
     # torch_compile (engine/compile.py): each decoder layer compiled; its compile time falls in step 1
     "engine-compile-fixed2048": ("fixed2048", {"torch_compile": "true"}),
+    "engine-compile-nopacking-fixed2048": ("fixed2048", {"torch_compile": "true", "packing": "false"}),
     "unsloth-fixed2048": ("fixed2048", ("unsloth", 1, 4)),
     # --optim on the seed's 2,048-token recipe (engine-fixed2048 is adamw_torch, the seed's).
     "engine-fused-fixed2048": ("fixed2048", {"optim": "adamw_torch_fused"}),

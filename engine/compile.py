@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from engine.config import TrainConfig
+from engine.trainer_args import uses_liger
 from engine.zero import zero_stage
 
 
@@ -23,6 +24,10 @@ def why_not_compiled(config: TrainConfig) -> str | None:
     """Why torch_compile cannot run for this run, or None when it can."""
     if config.deepspeed and zero_stage(config.deepspeed) == 3:
         return "ZeRO-3 gathers each weight in hooks on every module, which a compiled layer would trace through"
+    if uses_liger(config):
+        # The compiler cannot see into Liger's Triton kernels: the layer's graph breaks at each, and
+        # together they ran slower than either alone (benchmarks/RESULTS.md, run 20).
+        return "use_liger_kernel's kernels already fuse these steps"
     if config.use_qlora and not torch.cuda.is_available():
         # bitsandbytes repacks 4-bit weights on a CPU between training and evaluation: a compiled
         # layer's graph holds the old layout (seen as a size assertion at the first evaluation).

@@ -3,6 +3,7 @@ graph shared by all the layers, and stand aside where they cannot run."""
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from engine import train
 from engine.compile import why_not_compiled
 from engine.config import parse_args
+from engine.events import read_events
+from engine.launch import ACTIVE, run_status, start_run
 from engine.presets import load_preset, make_config
 from tests.conftest import write_jsonl
 
@@ -64,7 +67,7 @@ def test_compiled_layers_train_to_the_same_losses_with_one_graph_for_all_layers(
     assert 1 <= counters["stats"]["unique_graphs"] < LAYERS
 
 
-def test_compile_stands_aside_under_zero3_and_for_4bit_weights_on_a_cpu(tmp_path):
+def test_compile_stands_aside_under_zero3_with_liger_and_for_4bit_weights_on_a_cpu(tmp_path, monkeypatch):
     common = {"model_id": "m", "train_data": str(tmp_path / "d.jsonl")}
     zero3, zero2 = load_preset("qlora-zero3"), load_preset("qlora-zero2")  # the launcher passes their JSON
     assert "ZeRO-3" in why_not_compiled(make_config(zero3, **common, deepspeed=zero3.deepspeed))
@@ -73,6 +76,9 @@ def test_compile_stands_aside_under_zero3_and_for_4bit_weights_on_a_cpu(tmp_path
     if not torch.cuda.is_available():
         qlora = make_config(load_preset("qlora-zero2"), **common)
         assert "4-bit" in why_not_compiled(qlora)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # Liger runs on CUDA only
+    liger = make_config(load_preset("qlora-zero2"), **common, use_liger_kernel=True)
+    assert "use_liger_kernel" in why_not_compiled(liger)
 
 
 def test_the_trainer_never_compiles_the_whole_model(six_layers, tmp_path):
@@ -83,3 +89,42 @@ def test_the_trainer_never_compiles_the_whole_model(six_layers, tmp_path):
     recipe.setup()
     assert recipe.trainer.args.torch_compile is False
     assert json.loads(json.dumps(recipe.resolved))["torch_compile"] is True
+
+
+def _curve(info, runs_dir: Path, compiled: bool, timeout: float = 600) -> list[tuple[float, float]]:
+    deadline = time.time() + timeout
+    while (info := run_status(info.run_id, runs_dir)).status in ACTIVE:
+        assert time.time() < deadline, f"{info.run_id} still {info.status}"
+        time.sleep(0.5)
+    assert info.status == "succeeded", (info.run_dir / "stdout.log").read_text()[-3000:]
+    events, _ = read_events(info.run_dir / "events.jsonl")
+    started = next(e for e in events if e["event"] == "started")
+    assert started["config"]["torch_compile"] is compiled
+    return [(e["loss"], e["grad_norm"]) for e in events if e["event"] == "log"]
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_ddp_and_zero2_follow_the_eager_curve(six_layers, tmp_path):
+    """The presets' 2-process runs (gloo, fp32, LoRA on the 16-bit base) with and without
+    torch_compile, started as the app starts them: the same losses and gradient norms."""
+    rng = random.Random(1)
+    rows = [{"prompt": " ".join(rng.choices(["a", "b", "c", "hello", "world"], k=rng.randint(3, 50))),
+             "completion": " yes"} for _ in range(64)]  # fmt: skip
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    flags = {"model_id": str(six_layers), "train_data": str(data), "bf16": False, "use_qlora": False,
+             "max_steps": 8, "learning_rate": 1e-3, "lora_dropout": 0.0, "per_device_train_batch_size": 2,
+             "gradient_accumulation_steps": 1, "eval_size": 0, "eval_strategy": "no", "save_strategy": "no",
+             "logging_steps": 1}  # fmt: skip
+    runs = {}
+    for name in ("ddp", "qlora-zero2"):
+        preset = load_preset(name)
+        for compiled in (False, True):
+            config = make_config(preset, **flags, torch_compile=compiled)
+            runs[name, compiled] = start_run(preset, config, gpus=[], runs_dir=tmp_path / "runs", num_processes=2)
+    for name in ("ddp", "qlora-zero2"):
+        eager = _curve(runs[name, False], tmp_path / "runs", compiled=False)
+        compiled = _curve(runs[name, True], tmp_path / "runs", compiled=True)
+        assert len(eager) == len(compiled) == 8
+        for (loss, norm), (c_loss, c_norm) in zip(eager, compiled, strict=True):
+            assert c_loss == pytest.approx(loss, abs=1e-4), name
+            assert c_norm == pytest.approx(norm, rel=1e-3), name
