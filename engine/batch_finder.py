@@ -281,7 +281,7 @@ def _found(config: TrainConfig, value: int, own: int | None, sizes: list[int], t
            parts: dict[str, int], limit: int | None, limit_source: str, world: int, started: float) -> Found:
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     if config.packing:
-        from engine.packing import token_budget
+        from engine.config import token_budget
 
         setting, unit, was = "pack_tokens", "tokens", token_budget(config)
         changes = {"pack_tokens": value}

@@ -276,3 +276,8 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(unknown)}")
     return TrainConfig(**{name: coerce(name, value) for name, value in values.items()})
+
+
+def token_budget(config: TrainConfig) -> int:
+    """Tokens one packed forward pass may hold: pack_tokens, else what a padded micro-batch could."""
+    return config.pack_tokens or config.per_device_train_batch_size * config.max_length

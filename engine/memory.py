@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.anyprecision import parse_options, state_bytes_per_param
-from engine.config import Optim, PeftType, TrainConfig
+from engine.config import Optim, PeftType, TrainConfig, token_budget
 
 LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 
@@ -209,11 +209,11 @@ class MemoryEstimate:
 
 
 def _pass_tokens(config: TrainConfig) -> int:
-    """The most tokens one forward pass holds: pack_tokens (at least one example of max_length) when
-    packing, else a padded micro-batch's."""
-    if config.packing and config.pack_tokens:
-        return max(config.pack_tokens, config.max_length)
-    return config.per_device_train_batch_size * config.max_length
+    """The most tokens one forward pass holds: a padded micro-batch's, or when packing the budget,
+    or more for an example longer than the budget, which runs in a pass of its own."""
+    if not config.packing:
+        return config.per_device_train_batch_size * config.max_length
+    return max(token_budget(config), config.max_length)
 
 
 def _parts(shape: ModelShape, config: TrainConfig, num_gpus: int, zero_stage: int) -> dict[str, float]:

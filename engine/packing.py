@@ -28,12 +28,6 @@ from collections.abc import Sequence
 import torch
 
 from engine.checkpoints import AtomicCheckpointTrainer
-from engine.config import TrainConfig
-
-
-def token_budget(config: TrainConfig) -> int:
-    """Tokens one forward pass may hold: pack_tokens, else what a padded micro-batch could."""
-    return config.pack_tokens or config.per_device_train_batch_size * config.max_length
 
 
 def pack_lengths(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -73,7 +73,7 @@ class Recipe:
             self.datasets.train_tokens, self.datasets.num_truncated, config.max_length,
         )
         if config.packing:
-            from engine.packing import token_budget
+            from engine.config import token_budget
 
             log.info("packing: each step's %d examples per process in passes of up to %d tokens",
                      config.per_device_train_batch_size * config.gradient_accumulation_steps, token_budget(config))
@@ -164,7 +164,8 @@ class Recipe:
         from engine import faults
         from engine.callbacks import EventsCallback, StopOnSignal
         from engine.checkpoints import AtomicCheckpointTrainer
-        from engine.packing import StepCollator, StepPackingTrainer, token_budget
+        from engine.config import token_budget
+        from engine.packing import StepCollator, StepPackingTrainer
         from engine.trainer_args import optimizer_cls_and_kwargs, training_arguments
 
         config = self.config

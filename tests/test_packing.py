@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import TrainConfig
+from engine.config import TrainConfig, token_budget
 from engine.model import pick_attention
-from engine.packing import StepCollator, pack, pack_lengths, token_budget
+from engine.packing import StepCollator, pack, pack_lengths
 from engine.trainer_args import training_arguments
 from tests.test_train import fast, of, run_engine
 
