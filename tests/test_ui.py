@@ -141,3 +141,16 @@ def test_what_the_batch_finder_chose_is_shown_with_the_status(tmp_path):
         train_step.apply_event(session, event)
     status = train_step.view(session, info)[2]
     assert "Training" in status and "auto_find_batch_size: pack_tokens 9216 (was 32768)" in status
+
+
+def test_a_compiled_run_says_why_its_first_step_is_slow_until_the_step_is_logged(tmp_path):
+    info = RunInfo(run_id="r1", status="running", preset="qlora-zero2", run_dir=tmp_path, created_at=0.0, command="x")
+    session = Session(run_id="r1")
+    train_step.apply_event(session, {"time": 1.0, "event": "started", "total_steps": 3,
+                                     "config": {"torch_compile": True}})
+    assert train_step.COMPILING in train_step.view(session, info)[2]
+    train_step.apply_event(session, {"time": 9.0, "event": "log", "step": 1, "loss": 2.5})
+    assert train_step.COMPILING not in train_step.view(session, info)[2]
+    uncompiled = Session(run_id="r1")
+    train_step.apply_event(uncompiled, {"time": 1.0, "event": "started", "config": {"torch_compile": False}})
+    assert train_step.COMPILING not in train_step.view(uncompiled, info)[2]

@@ -125,6 +125,7 @@ class Session:
     total_steps: int | None = None
     started_at: float | None = None
     auto_batch: str | None = None  # with auto_find_batch_size: what the finder chose and why
+    compiled: bool = False  # torch_compile runs: the first step takes longer while it compiles
     points: list[dict] = field(default_factory=list)  # step, loss, split: the loss plot
     log_lines: list[str] = field(default_factory=list)  # the tail of stdout.log
     last_log: dict = field(default_factory=dict)  # the newest `log` event

@@ -93,12 +93,17 @@ def follow(ctx: Context, session: Session) -> tuple[RunInfo, bool]:
     return info, changed
 
 
+# Shown until the first step is logged: without it a first step 10-60 s slower looks like a hang.
+COMPILING = "Compiling the model's layers for faster steps: the first step takes up to a minute longer."
+
+
 def apply_event(session: Session, event: dict) -> None:
     """One event of the run's events.jsonl into what the tab shows."""
     kind = event["event"]
     if kind == "started":
         session.total_steps, session.started_at = event.get("total_steps"), event["time"]
         session.auto_batch = (event.get("auto_batch") or {}).get("why")
+        session.compiled = bool((event.get("config") or {}).get("torch_compile"))
     elif kind == "log" and event.get("loss") is not None:
         session.last_log = event
         session.points.append({"step": event["step"], "loss": event["loss"], "split": "train"})
@@ -154,6 +159,8 @@ def view(session: Session, info: RunInfo | None) -> tuple:
         error = f"### ✗ {html.escape(sentence)}\n\n**What to do:** {html.escape(hint)}"
     live = info.status in ACTIVE
     finder = f"  \n{html.escape(session.auto_batch)}" if session.auto_batch else ""
+    if session.compiled and not session.last_log and info.status == "running":
+        finder += f"  \n{COMPILING}"
     return (
         gr.update(interactive=not live and session.train_data is not None),
         gr.update(interactive=info.status in ("queued", "running")),
