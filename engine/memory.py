@@ -238,7 +238,7 @@ def _parts(shape: ModelShape, config: TrainConfig, num_gpus: int, zero_stage: in
 
     # Activations. The residual stream is fp32 under QLoRA's upcast_layernorm (and in fp32 training).
     hidden_bytes = 4 if (config.use_qlora and config.upcast_layernorm) or not sixteen_bit else 2
-    mlp_tokens = min(tokens, shape.hidden_size) if config.tiled_mlp else tokens
+    mlp_tokens = min(tokens, config.tiled_mlp_tokens or shape.hidden_size) if config.tiled_mlp else tokens
     layer = 2 * (LAYER_HIDDEN * shape.hidden_size * tokens + LAYER_INTERMEDIATE * shape.intermediate_size * mlp_tokens)
     if config.gradient_checkpointing:
         # Offloaded, two layers' inputs are on the GPU: the one recomputing and the one fetched next.

@@ -56,6 +56,9 @@ def _number_problems(config: TrainConfig) -> list[str]:
         problems.append(f"warmup_ratio: must be in [0, 1), got {config.warmup_ratio}")
     if config.max_num_samples < 0:
         problems.append(f"max_num_samples: must be 0 (all) or more, got {config.max_num_samples}")
+    for name in ("pack_tokens", "tiled_mlp_tokens"):
+        if getattr(config, name) < 0:
+            problems.append(f"{name}: must be 0 (the default) or more, got {getattr(config, name)}")
     return problems
 
 

@@ -123,7 +123,7 @@ class Recipe:
         if self.config.tiled_mlp:
             from engine.tiled_mlp import TileMLPs
 
-            callbacks.append(TileMLPs())
+            callbacks.append(TileMLPs(self.config.tiled_mlp_tokens))
         if self.config.offload_activations:
             from engine.offload import OffloadCheckpoints
 

@@ -430,6 +430,8 @@ def test_unusable_paths(path):
         ({"learning_rate": "nan"}, "learning_rate: must be a number greater than 0, got nan"),
         ({"num_train_epochs": "inf"}, "num_train_epochs: must be a number greater than 0, got inf"),
         ({"weight_decay": -0.1}, "weight_decay: must be 0 or more, got -0.1"),
+        ({"tiled_mlp_tokens": -512}, "tiled_mlp_tokens: must be 0 (the default) or more, got -512"),
+        ({"pack_tokens": -1}, "pack_tokens: must be 0 (the default) or more, got -1"),
         ({"train_data": ""}, "train_data: give the path of a JSONL file of examples"),
         ({"train_data": "a\x00b"}, "train_data: a\x00b: is not a usable path"),
     ],

@@ -68,6 +68,11 @@ def test_each_memory_flag_takes_off_what_it_holds(monkeypatch):
     # Tiled: the feed-forward working set of 32,768 tokens becomes one slice's (4,096 tokens).
     saved = parts["plain"]["activations"] - parts["tiled"]["activations"]
     assert saved == pytest.approx(2 * 13 * 14336 * (32768 - 4096) / 2**30, rel=0.01)
+    # Slices of 512 at 2,048 tokens: the same working set, a quarter of the tokens.
+    short = qlora(max_length=2048, tiled_mlp=True)
+    saved = (estimate_memory(LLAMA3_8B, short).parts["activations"]
+             - estimate_memory(LLAMA3_8B, dataclasses.replace(short, tiled_mlp_tokens=512)).parts["activations"])
+    assert saved == pytest.approx(2 * 13 * 14336 * (2048 - 512) / 2**30, rel=0.01)
 
 
 def test_verdicts_and_what_to_change():

@@ -13,7 +13,7 @@ def _saved_and_grads(model, ids):
 
     def pack(tensor):
         nonlocal largest
-        if tensor.dim() and tensor.shape[-1] == model.config.intermediate_size:
+        if tensor.dim() == 3 and tensor.shape[-1] == model.config.intermediate_size:  # activations, not weights
             largest = max(largest, tensor.numel())
         return tensor
 
@@ -41,3 +41,20 @@ def test_tiled_mlp_gives_the_same_gradients_and_never_saves_the_whole_feed_forwa
     # Each slice's intermediates are held by its own checkpoint, recomputed one slice at a time in
     # the backward pass, and never saved for it by the forward.
     assert tiled_largest == 0
+
+
+def test_smaller_slices_give_the_same_gradients_at_ordinary_lengths(tiny_mistral):
+    """tiled_mlp_tokens below hidden_size: a pass shorter than hidden_size is sliced too."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral, dtype=torch.float32).train()
+    tokens = model.config.hidden_size - 1  # one slice at the default, four of 16 (the last short)
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+
+    whole_loss, whole_largest, whole = _saved_and_grads(model, ids)
+    tile_mlps(model)  # the default slice: the whole pass, saved as without tiling
+    assert _saved_and_grads(model, ids)[1] == whole_largest == tokens * model.config.intermediate_size
+    assert tile_mlps(model, 16) == model.config.num_hidden_layers  # re-slicing replaces the default slice
+    tiled_loss, tiled_largest, tiled = _saved_and_grads(model, ids)
+
+    assert abs(tiled_loss - whole_loss) < 1e-6 and tiled_largest == 0
+    for name, grad in whole.items():
+        torch.testing.assert_close(tiled[name], grad, rtol=1e-5, atol=1e-7, msg=name)
