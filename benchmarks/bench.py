@@ -76,6 +76,10 @@ VARIANTS = {
     "engine-bs16-compile-nodropout-realistic": ("realistic", {**BS16, "torch_compile": "true", "lora_dropout": 0}),
     "engine-bs16-compile-lowmem-realistic": ("realistic", {**BS16, "torch_compile": "true", "lora_dropout": 0,
                                                            "upcast_layernorm": "false", "offload_activations": "true"}),
+    # ... with 8-bit AdamW states: 0.47 GiB less, under the seed's 7.75 GiB if the 7.93 measured above holds
+    "engine-bs16-compile-lowmem8bit-realistic": ("realistic", {
+        **BS16, "torch_compile": "true", "lora_dropout": 0, "upcast_layernorm": "false", "offload_activations": "true",
+        "optim": "adamw_bnb_8bit"}),
     "engine-bs16-realistic": ("realistic", BS16),
     "engine-bs16-liger-realistic": ("realistic", {**BS16, "use_liger_kernel": "true"}),
     "engine-bs16-liger-nodropout-realistic": ("realistic", {**BS16, "use_liger_kernel": "true", "lora_dropout": 0}),
