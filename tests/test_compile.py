@@ -34,11 +34,12 @@ def six_layers(tiny_mistral, tmp_path_factory) -> Path:
     return folder
 
 
-def _losses(model_dir: Path, data: Path, out: Path, compile_: bool) -> tuple[list[float], bool]:
+def _losses(model_dir: Path, data: Path, out: Path, compile_: bool, peft_type: str) -> tuple[list[float], bool]:
     flags = {"model_id": model_dir, "train_data": data, "output_dir": out, "torch_compile": str(compile_).lower(),
              "bf16": "false", "lora_dropout": 0.0, "max_steps": 4, "per_device_train_batch_size": 2,
              "gradient_accumulation_steps": 2, "eval_size": 4, "eval_strategy": "steps", "eval_steps": 2,
-             "save_strategy": "no", "logging_steps": 1, "report_to": "none"}
+             "save_strategy": "no", "logging_steps": 1, "report_to": "none", "peft_type": peft_type,
+             "learning_rate": 1e-3 if peft_type == "none" else 2e-2}  # steps that move the losses
     recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
     recipe.setup()
     recipe.trainer.train()
@@ -46,7 +47,8 @@ def _losses(model_dir: Path, data: Path, out: Path, compile_: bool) -> tuple[lis
     return [h.get("loss", h.get("eval_loss")) for h in history if "loss" in h or "eval_loss" in h], recipe.compiled
 
 
-def test_compiled_layers_train_to_the_same_losses_with_one_graph_for_all_layers(six_layers, tmp_path):
+@pytest.mark.parametrize("peft_type", ["lora", "ia3", "none"])  # none: full finetuning
+def test_compiled_layers_train_to_the_same_losses_with_one_graph_for_all_layers(six_layers, tmp_path, peft_type):
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "the", "of", "model"]
     # Mixed lengths: packed passes of changing sizes, so the shared graph must also take new shapes.
@@ -54,14 +56,15 @@ def test_compiled_layers_train_to_the_same_losses_with_one_graph_for_all_layers(
             for _ in range(24)]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
 
-    eager, eager_compiled = _losses(six_layers, data, tmp_path / "eager", compile_=False)
+    eager, eager_compiled = _losses(six_layers, data, tmp_path / "eager", compile_=False, peft_type=peft_type)
     torch._dynamo.reset()
     counters.clear()
-    compiled, compiled_on = _losses(six_layers, data, tmp_path / "compiled", compile_=True)
+    compiled, compiled_on = _losses(six_layers, data, tmp_path / "compiled", compile_=True, peft_type=peft_type)
 
     assert (eager_compiled, compiled_on) == (False, True)
     assert len(compiled) == len(eager) == 6  # 4 training steps, 2 evaluations
     assert compiled == pytest.approx(eager, abs=2e-5)
+    assert max(eager) - min(eager) > 0.01  # the adapter (or model) learned: the comparison is not of constants
     # Per layer call, the forward of training and of evaluation, and a recompile for new lengths
     # at most: far fewer graphs than layers, which is what compiling one layer's code buys.
     assert 1 <= counters["stats"]["unique_graphs"] < LAYERS
