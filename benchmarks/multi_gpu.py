@@ -162,6 +162,7 @@ def measure(case: str) -> dict:
             "rank0_peak_allocated_gib": max(e["gpu_memory_gib"] for e in logs),
             "predicted_gib": _predicted(preset, config, len(gpus)),  # engine/memory.py's estimate, per GPU
             "rank0_weights_gib": _events(info, "started")[0].get("weights_gib"),  # its ZeRO-3 share
+            "rank0_load_peak_gib": _events(info, "started")[0].get("load_peak_gib"),  # loading's, before training
             "losses": [round(e["loss"], 4) for e in logs], "grad_norms": [round(e["grad_norm"], 4) for e in logs],
             "command": info.command,
         }

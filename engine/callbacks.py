@@ -27,7 +27,10 @@ class EventsCallback(TrainerCallback):
         self._last_tokens = state.num_input_tokens_seen
         self.events.write(
             "started", world_size=args.world_size, total_steps=state.max_steps,
-            start_step=state.global_step, weights_gib=weights_held_gib(kwargs["model"]), **self.started_fields,
+            start_step=state.global_step, weights_gib=weights_held_gib(kwargs["model"]),
+            # The peak so far is loading's (and the batch finder's): the log events' peak covers the whole
+            # run, so this tells a peak set while loading from one set by training.
+            load_peak_gib=peak_memory_gib(), **self.started_fields,
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):

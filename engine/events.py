@@ -4,6 +4,7 @@ Each line is `{"time": unix_s, "event": NAME, ...}` with plain JSON values. Even
   started     world_size, total_steps, num_train_examples, num_eval_examples, train_tokens, config,
               auto_batch (with --auto_find_batch_size: what it set, what it tried, and why)
               weights_gib (the model weights rank 0 holds: its shard under ZeRO-3)
+              load_peak_gib (rank 0's peak allocated GPU memory before training began; null on a CPU)
   log         step, epoch, loss, learning_rate, grad_norm, tokens_per_second, gpu_memory_gib
   eval        step, eval_loss (and other eval metrics)
   checkpoint  step, path

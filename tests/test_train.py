@@ -69,6 +69,7 @@ def test_seed_command_runs_unchanged_and_leaves_a_loadable_adapter(tiny_mistral,
     # 48 examples, eval_size 0.1 → 5 held out; 43 / (1 x 4) → 11 steps an epoch, 3 epochs.
     assert (started["num_train_examples"], started["num_eval_examples"]) == (43, 5)
     assert started["total_steps"] == 33
+    assert started["load_peak_gib"] is None  # GPU memory: there is none on a CPU, and no number is made up
     assert started["config"]["lora_target_modules"] == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert started["config"]["use_qlora"] is True and started["config"]["attention"] == "sdpa"
