@@ -158,13 +158,13 @@ def view(session: Session, info: RunInfo | None) -> tuple:
         hint = final.get("hint") or "Open the training log below for details."
         error = f"### ✗ {html.escape(sentence)}\n\n**What to do:** {html.escape(hint)}"
     live = info.status in ACTIVE
-    finder = f"  \n{html.escape(session.auto_batch)}" if session.auto_batch else ""
+    notes = f"  \n{html.escape(session.auto_batch)}" if session.auto_batch else ""
     if session.compiled and not session.last_log and info.status == "running":
-        finder += f"  \n{COMPILING}"
+        notes += f"  \n{COMPILING}"
     return (
         gr.update(interactive=not live and session.train_data is not None),
         gr.update(interactive=info.status in ("queued", "running")),
-        status_line(info, session.queue_position) + finder,
+        status_line(info, session.queue_position) + notes,
         progress_html(step, total, eta),
         " · ".join(metrics),
         _frame(session.points, "train"),
