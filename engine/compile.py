@@ -22,7 +22,7 @@ from engine.zero import zero_stage
 
 def why_not_compiled(config: TrainConfig) -> str | None:
     """Why torch_compile cannot run for this run, or None when it can."""
-    if config.deepspeed and zero_stage(config.deepspeed) == 3:
+    if zero_stage(config.deepspeed) == 3:
         return "ZeRO-3 gathers each weight in hooks on every module, which a compiled layer would trace through"
     if uses_liger(config):
         # The compiler cannot see into Liger's Triton kernels: the layer's graph breaks at each, and

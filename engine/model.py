@@ -67,7 +67,7 @@ def _quant_storage(config: TrainConfig) -> dict:
     # ZeRO-3 shards every weight as a flat tensor of the model's dtype and gathers it back per layer.
     # Packed into the compute dtype (4 values a bf16 element), a 4-bit weight is sharded like any
     # other; bitsandbytes reads the bytes whatever dtype holds them.
-    if config.deepspeed and zero_stage(config.deepspeed) == 3:
+    if zero_stage(config.deepspeed) == 3:
         return {"bnb_4bit_quant_storage": compute_dtype(config)}
     return {}
 

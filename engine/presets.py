@@ -46,7 +46,7 @@ class Preset:
         """The DeepSpeed ZeRO stage it trains with; 0 without DeepSpeed."""
         from engine.zero import zero_stage
 
-        return zero_stage(self.deepspeed) if self.deepspeed else 0
+        return zero_stage(self.deepspeed)
 
 
 def _load(path: Path) -> Preset:

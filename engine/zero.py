@@ -37,8 +37,10 @@ def model_shape(model_id: str) -> ModelShape | None:
         return None
 
 
-def zero_stage(path: str) -> int:
-    """The ZeRO stage a DeepSpeed JSON asks for (0 when it has none)."""
+def zero_stage(path: str | None) -> int:
+    """The ZeRO stage a DeepSpeed JSON asks for (0 when it has none, or there is no JSON)."""
+    if not path:
+        return 0
     return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
