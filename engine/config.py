@@ -88,7 +88,7 @@ class TrainConfig:
     optim_args: str | None = _flag(None, "Options of adamw_anyprecision, as key=value pairs separated by commas: use_kahan_summation=true (keeps 16-bit weights learning at small learning rates, 2 bytes more per weight), momentum_dtype and variance_dtype (bfloat16, the default, or float32); NA for none.", aliases=["optim-args"])
     gradient_checkpointing: bool = _flag(True, "Recompute activations in the backward pass: much less memory, about 30% slower.")
     packing: bool = _flag(True, "Run each optimizer step's examples packed back to back, with no padding and no attention between examples, in as few forward passes of up to pack_tokens tokens as they fit: the same examples, steps and gradients as padded micro-batches, several times faster on examples of mixed lengths; false pads each micro-batch to its longest example, as the seed recipe does.")
-    pack_tokens: int = _flag(0, "Most tokens in one packed forward pass; 0 uses per_device_train_batch_size x max_length, the most a padded micro-batch holds, so memory stays what padding would need. More tokens a pass is faster and takes more GPU memory.")
+    pack_tokens: int = _flag(0, "Most tokens in one packed forward pass. 0: on a GPU, passes grow from what a padded micro-batch holds (per_device_train_batch_size x max_length) up to 4,096 tokens or a whole step, as far as the memory estimate fits the GPU's free memory; elsewhere a padded micro-batch's. More tokens a pass is faster and takes more GPU memory.")
     chunked_loss: bool = _flag(True, "Compute the training and evaluation loss a few hundred tokens at a time instead of holding the model's score for every word of its vocabulary at every position at once: the same losses with much less memory on long examples (those scores take over 1 GB for one 8,192-token example). Chat is unchanged. Off while use_liger_kernel runs on a GPU, which does the same.")
     offload_activations: bool = _flag(False, "With gradient_checkpointing: keep the input each layer saves for its backward pass in CPU memory instead of on the GPU, copied in the background while the GPU computes: the same results with layers x tokens x hidden size x 4 bytes less GPU memory (1 GB for a 7B model at 2,048 tokens, 32 GB at 65,536). Needs as much free CPU memory; CUDA only, ignored elsewhere.", "hardware")
     tiled_mlp: bool = _flag(False, "Run each layer's feed-forward block over long sequences in slices of tiled_mlp_tokens tokens, so that only one slice's intermediate values are held at a time: the same results, much less GPU memory for sequences of tens of thousands of tokens, one more forward of the block for passes longer than a slice.", "hardware")
@@ -280,5 +280,6 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def token_budget(config: TrainConfig) -> int:
-    """Tokens one packed forward pass may hold: pack_tokens, else what a padded micro-batch could."""
+    """Tokens one packed forward pass may hold: pack_tokens, else what a padded micro-batch could
+    (on a GPU, engine/train.py sets pack_tokens 0 to a grown pass first)."""
     return config.pack_tokens or config.per_device_train_batch_size * config.max_length

@@ -1,6 +1,7 @@
 """GPU memory: the per-process cap (TORCH_PER_PROCESS_MEMORY_LIMIT), out-of-memory explained, and
 the estimate of what a configuration needs, shown before a run starts."""
 
+import bisect
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ LOSS_BYTES = 14  # per token and vocabulary entry: 16-bit logits, their fp32 cop
 CHUNK_LOGITS = 2**24  # engine/loss.py's chunk: the loss's largest buffer with chunked_loss
 CUDA_CONTEXT_GIB = 0.5  # held by every process, outside PyTorch's allocator
 FRAGMENTATION = 1.10  # reserved / allocated, as measured under load
+# pack_tokens 0 grows a pass up to this many tokens. A 7B QLoRA step of 4 x 2,048 tokens (one H100,
+# benchmarks/RESULTS.md run 25): 6,811 tokens/s in passes of 2,048 at 6.08 GiB, 8,637 in passes of 4,096
+# at 7.02, 9,211 in one pass of 8,192 at 8.84: past 4,096, 7% more speed for 1.8 GiB more memory.
+GROWN_PASS_TOKENS = 4096
 TIGHT_ABOVE = 0.85  # above this share of a GPU's memory a longer batch or a spike can fail
 
 
@@ -274,9 +279,13 @@ def estimate_memory(
 
     def needed_with(changes: dict) -> tuple[float, dict[str, float]]:
         parts = _parts(shape, dataclasses.replace(config, **changes), num_gpus, zero_stage)
-        return sum(parts.values()) * FRAGMENTATION + CUDA_CONTEXT_GIB, parts
+        return _total(parts), parts
 
-    total, parts = needed_with({})
+    grown = {}  # a grown pass only ever takes memory that fits, so the levers below start from the least
+    if config.packing and not config.pack_tokens and available_gib is not None:
+        grown = {"pack_tokens": grown_pack_tokens(shape, config, available_gib, num_gpus=num_gpus,
+                                                  zero_stage=zero_stage)}
+    total, parts = needed_with(grown)
     estimate = MemoryEstimate(
         gib_per_gpu=round(total, 2), peak_allocated_gib=round(sum(parts.values()), 2),
         parts={k: round(v, 2) for k, v in parts.items()}, available_gib=available_gib,
@@ -292,8 +301,8 @@ def estimate_memory(
     budget = TIGHT_ABOVE * available_gib
     batch, pack_tokens = config.per_device_train_batch_size, config.pack_tokens if config.packing else 0
     levers = [
-        (pack_tokens > batch * config.max_length, dict(pack_tokens=0),
-         f"lower pack_tokens (now {pack_tokens}) to 0: a pass then holds what one padded micro-batch would"),
+        (pack_tokens > batch * config.max_length, dict(pack_tokens=batch * config.max_length),
+         f"lower pack_tokens (now {pack_tokens}) to {batch * config.max_length}: what one padded micro-batch holds"),
         (config.peft_type == PeftType.none, dict(peft_type=PeftType.lora, use_qlora=True),
          "train a LoRA adapter (QLoRA) instead of the full model"),
         (config.peft_type != PeftType.none and not config.use_qlora, dict(use_qlora=True),
@@ -320,6 +329,37 @@ def estimate_memory(
         else:
             estimate.advice.append("pick a smaller model or a GPU with more memory")
     return estimate
+
+
+def grown_pack_tokens(
+    shape: ModelShape, config: TrainConfig, available_gib: float, *, num_gpus: int = 1, zero_stage: int = 0,
+) -> int:  # fmt: skip
+    """What pack_tokens 0 means on a GPU: the most tokens a pass may hold, from a padded micro-batch's
+    up to GROWN_PASS_TOKENS or a whole step's (per_device_train_batch_size x
+    gradient_accumulation_steps x max_length), whichever is less, as far as the estimate still fits
+    `available_gib` with the margin of a "fits" verdict.
+
+    Each pass dequantizes every 4-bit weight three times and launches the same ~8,000 kernels, however
+    few tokens it holds, so fuller passes are faster. Only memory that is free grows a pass: the least
+    a run needs, and so which GPUs it can use, stays a padded micro-batch's.
+    """
+    least = token_budget(dataclasses.replace(config, pack_tokens=0))
+    most = max(least, min(least * config.gradient_accumulation_steps, GROWN_PASS_TOKENS))
+
+    def too_big(tokens: int) -> bool:
+        parts = _parts(shape, dataclasses.replace(config, pack_tokens=tokens), num_gpus, zero_stage)
+        return _total(parts) > TIGHT_ABOVE * available_gib
+
+    if not too_big(most):
+        return most
+    sizes = range(least, most, 128)
+    fitting = bisect.bisect_left(sizes, True, key=too_big)  # the estimate grows with the tokens
+    return sizes[fitting - 1] if fitting else least
+
+
+def _total(parts: dict[str, float]) -> float:
+    """GiB a process needs: the parts' bytes as the allocator rounds them, and its CUDA context."""
+    return sum(parts.values()) * FRAGMENTATION + CUDA_CONTEXT_GIB
 
 
 def _longest_fitting_length(needed, budget: float, max_length: int) -> int | None:

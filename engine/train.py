@@ -8,6 +8,7 @@
 each after a `failed` event that says what happened and what to do.
 """
 
+import dataclasses
 import errno
 import functools
 import gc
@@ -72,12 +73,6 @@ class Recipe:
             self.datasets.num_train_examples, self.datasets.num_eval_examples,
             self.datasets.train_tokens, self.datasets.num_truncated, config.max_length,
         )
-        if config.packing:
-            from engine.config import token_budget
-
-            log.info("packing: each step's %d examples per process in passes of up to %d tokens",
-                     config.per_device_train_batch_size * config.gradient_accumulation_steps, token_budget(config))
-
         attention, why = model.pick_attention(config)
         log.info("attention: %s (%s)", attention, why)
         self.model = model.load_model(config, attention)
@@ -93,6 +88,8 @@ class Recipe:
             # DDP's numerics under DeepSpeed (trainer_args says why DeepSpeed itself stays fp32).
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model.forward = torch.autocast(device, dtype=torch.bfloat16)(self.model.forward)
+        if config.packing:
+            self.config = config = self._grow_passes(config)
         self.auto_batch = self._find_batch() if config.auto_find_batch_size else None
         self.resolved = {
             **self.config.to_dict(),
@@ -103,6 +100,27 @@ class Recipe:
             "torch_compile": self.compiled,
         }
         self.trainer = self._build_trainer()
+
+    def _grow_passes(self, config: TrainConfig) -> TrainConfig:
+        """pack_tokens 0 on a GPU: passes as large as the memory estimate lets them grow (engine/memory.py)."""
+        import torch
+
+        from engine.config import token_budget
+        from engine.memory import ModelShape, grown_pack_tokens, memory_limit
+        from engine.zero import zero_stage
+
+        examples = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        if not config.pack_tokens and torch.cuda.is_available():
+            limit, source = memory_limit(torch.device("cuda", torch.cuda.current_device()))
+            shape = ModelShape.from_config(self.model.config.to_dict())
+            grown = grown_pack_tokens(shape, config, limit / 2**30, zero_stage=zero_stage(config.deepspeed),
+                                      num_gpus=int(os.environ.get("WORLD_SIZE", 1)))
+            log.info("packing: passes of up to %d tokens, as many as the memory estimate fits in %.1f GiB (%s)",
+                     grown, limit / 2**30, source)
+            config = dataclasses.replace(config, pack_tokens=grown)
+        log.info("packing: each step's %d examples per process in passes of up to %d tokens",
+                 examples, token_budget(config))
+        return config
 
     def _find_batch(self) -> dict:
         """Measures the largest pass that fits (engine/batch_finder.py) and trains with it."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.config import Optim, PeftType, TrainConfig
-from engine.memory import ModelShape, estimate_memory
+from engine.memory import GROWN_PASS_TOKENS, TIGHT_ABOVE, ModelShape, estimate_memory, grown_pack_tokens
 
 MISTRAL_7B = ModelShape.from_config(dict(
     hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=32000,
@@ -121,7 +121,27 @@ def test_a_larger_pack_tokens_costs_its_activations_and_is_the_first_thing_to_lo
     # A small budget still holds one whole example of max_length.
     assert estimate_memory(MISTRAL_7B, qlora(pack_tokens=512)).peak_allocated_gib == padded.peak_allocated_gib
     tight = estimate_memory(MISTRAL_7B, qlora(pack_tokens=32768), available_gib=16)
-    assert tight.verdict != "fits" and tight.advice[0].startswith("lower pack_tokens (now 32768) to 0")
+    assert tight.verdict != "fits" and tight.advice[0].startswith("lower pack_tokens (now 32768) to 2048")
+
+
+def test_free_memory_grows_a_pass_to_4096_tokens_never_past_a_step_or_what_fits(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # offloading needs CUDA
+    offloaded = qlora(offload_activations=True)  # 1 x 4 examples of up to 2,048 tokens
+    assert grown_pack_tokens(MISTRAL_7B, offloaded, 80) == GROWN_PASS_TOKENS == 4096
+    # A step of 2 x 1,024 tokens is all one pass ever holds; a padded micro-batch is the least.
+    assert grown_pack_tokens(MISTRAL_7B, qlora(max_length=1024, gradient_accumulation_steps=2), 80) == 2048
+    assert grown_pack_tokens(MISTRAL_7B, qlora(per_device_train_batch_size=4), 80) == 4 * 2048
+    assert grown_pack_tokens(MISTRAL_7B, offloaded, 6) == 2048
+    # Where 4,096 tokens do not fit, the most that do, in steps of 128.
+    tight = grown_pack_tokens(MISTRAL_7B, qlora(), 10)
+    assert 2048 < tight < 4096 and tight % 128 == 0
+    assert estimate_memory(MISTRAL_7B, qlora(pack_tokens=tight)).gib_per_gpu <= TIGHT_ABOVE * 10
+    assert estimate_memory(MISTRAL_7B, qlora(pack_tokens=tight + 128)).gib_per_gpu > TIGHT_ABOVE * 10
+    # The estimate shown for a GPU is the grown pass's; without a GPU's memory nothing grows.
+    shown = estimate_memory(MISTRAL_7B, offloaded, available_gib=80)
+    assert shown.parts == estimate_memory(MISTRAL_7B, qlora(offload_activations=True, pack_tokens=4096)).parts
+    assert estimate_memory(MISTRAL_7B, offloaded).parts == estimate_memory(
+        MISTRAL_7B, qlora(offload_activations=True, pack_tokens=2048)).parts
 
 
 @pytest.mark.parametrize("optim, optim_args, state_bytes", [

@@ -80,3 +80,24 @@ def test_without_cuda_packing_uses_sdpa_and_liger_is_left_off():
     assert pick_attention(config)[0] == "sdpa"  # block-diagonal mask from the position ids
     datasets_ = SimpleNamespace(eval=None, num_train_examples=1)
     assert training_arguments(config, datasets_).use_liger_kernel is False
+
+
+def test_on_a_gpu_pack_tokens_0_grows_passes_to_what_the_estimate_fits(monkeypatch, tmp_path, caplog):
+    """The wiring on a stand-in GPU: what engine.memory.grown_pack_tokens chooses is what training uses."""
+    from engine import memory
+    from engine.train import Recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(memory, "memory_limit", lambda device: (80 * 2**30, "the whole GPU"))
+    mistral_7b = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=32000,
+                      num_attention_heads=32, num_key_value_heads=8)
+    config = TrainConfig(model_id="m", train_data="d", output_dir=str(tmp_path), use_qlora=True, bf16=True,
+                         offload_activations=True)  # 1 x 4 examples of up to 2,048 tokens
+    recipe = Recipe(config)
+    recipe.model = SimpleNamespace(config=SimpleNamespace(to_dict=lambda: mistral_7b))
+    with caplog.at_level("INFO"):
+        grown = recipe._grow_passes(config)
+    assert grown.pack_tokens == token_budget(grown) == 4096
+    assert "passes of up to 4096 tokens, as many as the memory estimate fits in 80.0 GiB" in caplog.text
+    assert recipe._grow_passes(TrainConfig(model_id="m", train_data="d", pack_tokens=1000)).pack_tokens == 1000
