@@ -19,8 +19,9 @@ Method, the same for every variant:
   parameters (all but the input embedding): forward 2N + input gradients 2N for a frozen base,
   forward + input + weight gradients 6N for the adapters; recomputation and attention not counted;
 - loss: eval loss on the same held-out examples after the epoch;
-- memory: PyTorch's peak allocated and reserved, and the whole GPU's used memory before training
-  and at its peak (device_used_gib), which alone sees paged optimizer states (DeviceMemory).
+- memory: PyTorch's peak allocated (over the run, and training's own before the evaluation) and
+  reserved, and the whole GPU's used memory before training and at its peak (device_used_gib), which
+  alone sees paged optimizer states (DeviceMemory).
 """
 
 import argparse
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from engine.presets import load_preset
 
 BENCH = Path(".bench")  # prepared inputs, carried to the GPU
 # Built on the GPU machine, outside the repo copy (which a carried .bench/ replaces each call).
@@ -63,8 +66,27 @@ SEED_RECIPE = None
 BS16 = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}  # Unsloth's best: 16 x 1
 # Eval's own full logits (8 x 2,048 tokens: 3 GiB) would set the peak that the chunked loss lowers in training.
 EVAL1 = {"per_device_eval_batch_size": 1}
-LONG = {"max_length": 8192, **EVAL1}
+PASS1 = {"pack_tokens": 2048, **EVAL1}  # micro-batch 1 at 2,048 tokens: one example a pass, never grown
+LONG = {"max_length": 8192, "pack_tokens": 8192, **EVAL1}
+# What a user gets: the qlora-zero2 preset's engine flags (its DeepSpeed launcher aside: one GPU).
+PRESET = {k: str(v).lower() if isinstance(v, bool) else v
+          for k, v in load_preset("qlora-zero2").train.items() if v is not None}  # None: the engine's auto
 VARIANTS = {
+    "preset-realistic": ("realistic", PRESET),
+    "preset-bs16-realistic": ("realistic", {**PRESET, **BS16}),
+    "preset-fixed2048": ("fixed2048", PRESET),
+    # the grown pass's feed-forward block in slices of hidden_size tokens, and without LoRA dropout:
+    # what each takes off the peak that a whole step in one pass sets, and what each costs in speed
+    # the pass size alone (the preset grows it to a whole step's 8,192 tokens where memory allows)
+    "preset-pass2k-fixed2048": ("fixed2048", {**PRESET, "pack_tokens": 2048}),
+    "preset-pass4k-fixed2048": ("fixed2048", {**PRESET, "pack_tokens": 4096}),
+    "preset-pass8k-fixed2048": ("fixed2048", {**PRESET, "pack_tokens": 8192}),
+    "preset-pass2k-realistic": ("realistic", {**PRESET, "pack_tokens": 2048}),
+    "preset-pass4k-realistic": ("realistic", {**PRESET, "pack_tokens": 4096}),
+    "preset-tiled-fixed2048": ("fixed2048", {**PRESET, "tiled_mlp": "true"}),
+    "preset-nodropout-fixed2048": ("fixed2048", {**PRESET, "lora_dropout": 0}),
+    "preset-tiled-bs16-realistic": ("realistic", {**PRESET, **BS16, "tiled_mlp": "true"}),
+    "preset-nodropout-bs16-realistic": ("realistic", {**PRESET, **BS16, "lora_dropout": 0}),
     "seed-realistic": ("realistic", SEED_RECIPE),
     "engine-realistic": ("realistic", {}),  # the default: packed steps, passes of 2,048 tokens
     "engine-nopacking-realistic": ("realistic", {"packing": "false"}),
@@ -73,6 +95,8 @@ VARIANTS = {
     "engine-pass8k-realistic": ("realistic", {"pack_tokens": 8192}),  # a step's 4 examples in one pass
     "engine-pass8k-liger-realistic": ("realistic", {"pack_tokens": 8192, "use_liger_kernel": "true"}),
     "engine-compile-realistic": ("realistic", {"torch_compile": "true"}),
+    "engine-compile-pass8k-offload-realistic": ("realistic", {"torch_compile": "true", "pack_tokens": 8192,
+                                                              "offload_activations": "true"}),
     "engine-bs16-compile-nodropout-realistic": ("realistic", {**BS16, "torch_compile": "true", "lora_dropout": 0}),
     "engine-bs16-compile-lowmem-realistic": ("realistic", {**BS16, "torch_compile": "true", "lora_dropout": 0,
                                                            "upcast_layernorm": "false", "offload_activations": "true"}),
@@ -92,6 +116,11 @@ VARIANTS = {
     # torch_compile (engine/compile.py): each decoder layer compiled; its compile time falls in step 1
     "engine-compile-fixed2048": ("fixed2048", {"torch_compile": "true"}),
     "engine-compile-nopacking-fixed2048": ("fixed2048", {"torch_compile": "true", "packing": "false"}),
+    # a whole step in one pass (4 x 2,048 tokens, varlen attention): a quarter of the 4-bit
+    # dequantizations and kernel launches; offloading the checkpoints keeps the memory of a 2,048 pass
+    "engine-compile-pass8k-fixed2048": ("fixed2048", {"torch_compile": "true", "pack_tokens": 8192}),
+    "engine-compile-pass8k-offload-fixed2048": ("fixed2048", {"torch_compile": "true", "pack_tokens": 8192,
+                                                              "offload_activations": "true"}),
     "unsloth-fixed2048": ("fixed2048", ("unsloth", 1, 4)),
     # --optim on the seed's 2,048-token recipe (engine-fixed2048 is adamw_torch, the seed's).
     "engine-fused-fixed2048": ("fixed2048", {"optim": "adamw_torch_fused"}),
@@ -108,23 +137,23 @@ VARIANTS = {
     "engine-auto-nopacking-bs16-fixed2048": (
         "fixed2048", {**BS16, "packing": "false", "auto_find_batch_size": "true", "eval_strategy": "no"}),
     # chunked_loss (engine/loss.py, on by default) against the full logits, one example a pass
-    "engine-chunked-fixed2048": ("fixed2048", {"chunked_loss": "true", **EVAL1}),
-    "engine-nochunk-fixed2048": ("fixed2048", {"chunked_loss": "false", **EVAL1}),
+    "engine-chunked-fixed2048": ("fixed2048", {"chunked_loss": "true", **PASS1}),
+    "engine-nochunk-fixed2048": ("fixed2048", {"chunked_loss": "false", **PASS1}),
     "engine-chunked-fixed8192": ("fixed8192", {"chunked_loss": "true", **LONG}),
     "engine-nochunk-fixed8192": ("fixed8192", {"chunked_loss": "false", **LONG}),
     # issue 12's 5.0 GiB at 2,048 tokens, micro-batch 1: every memory lever that keeps the numbers
     # (dropout 0 as Unsloth's default; the loss is compared against engine-fixed2048's)
     "engine-lowmem-fixed2048": ("fixed2048", {"optim": "adamw_bnb_8bit", "offload_activations": "true",
-                                              "lora_dropout": 0, **EVAL1}),
+                                              "lora_dropout": 0, **PASS1}),
     "engine-lowmem-bf16-fixed2048": ("fixed2048", {"optim": "adamw_bnb_8bit", "offload_activations": "true",
-                                                   "lora_dropout": 0, "upcast_layernorm": "false", **EVAL1}),
+                                                   "lora_dropout": 0, "upcast_layernorm": "false", **PASS1}),
     # ... and the feed-forward block in slices of 512 tokens (measured 5.30 GiB without; estimate ~4.8)
     "engine-lowmem-tiled512-fixed2048": ("fixed2048", {"optim": "adamw_bnb_8bit", "offload_activations": "true",
                                                        "lora_dropout": 0, "tiled_mlp": "true", "tiled_mlp_tokens": 512,
-                                                       **EVAL1}),
+                                                       **PASS1}),
     "engine-lowmem-tiled512-bf16-fixed2048": ("fixed2048", {
         "optim": "adamw_bnb_8bit", "offload_activations": "true", "lora_dropout": 0, "upcast_layernorm": "false",
-        "tiled_mlp": "true", "tiled_mlp_tokens": 512, **EVAL1}),
+        "tiled_mlp": "true", "tiled_mlp_tokens": 512, **PASS1}),
 }
 UNSLOTH_SITE = Path(".site-unsloth")  # its packages (trl, datasets 4, unsloth): see unsloth_run.py
 
@@ -335,17 +364,23 @@ def measure(variant: str) -> dict:
     frozen, lora = _matmul_params()
     rate = tokens / seconds
     evals = [e for e in events if e["event"] == "eval"]
+    # Training's own peak: the log events' running peak before the first evaluation adds eval's batches.
+    before_eval = events[:events.index(evals[0])] if evals else events
+    train_peaks = [e["gpu_memory_gib"] for e in before_eval if e["event"] == "log" and e.get("gpu_memory_gib")]
     started = next((e for e in events if e["event"] == "started" and e.get("config")), {})
     config = started.get("config", {})
     return {
         "variant": variant, "data": data, "flags": flags, "attention": config.get("attention", "sdpa"),
+        "pack_tokens": config.get("pack_tokens"),
         "trained_tokens_per_s": round(rate), "step_time_s": round(seconds / steps, 3),
         "tokens_per_step": round(tokens / steps), "timed_steps": steps, "total_steps": last["step"],
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+        "train_peak_allocated_gib": max(train_peaks, default=None),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if gpu else None,
         "device_used_gib": device.result() if device else None,
         "mfu": round(rate * (4 * frozen + 6 * lora) / PEAK_FLOPS, 4),
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "memory_limit": os.environ.get("TORCH_PER_PROCESS_MEMORY_LIMIT"),  # caps grown passes too
         "auto_batch": started.get("auto_batch"),  # what --auto_find_batch_size chose, tried and why
         "final_train_loss": last["loss"],
     }
