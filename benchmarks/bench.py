@@ -81,6 +81,9 @@ VARIANTS = {
     "preset-pass2k-fixed2048": ("fixed2048", {**PRESET, "pack_tokens": 2048}),
     "preset-pass4k-fixed2048": ("fixed2048", {**PRESET, "pack_tokens": 4096}),
     "preset-pass8k-fixed2048": ("fixed2048", {**PRESET, "pack_tokens": 8192}),
+    # Unsloth's best batch within the seed's memory: a step of 16 in passes of at most 4,096 / 6,144 tokens
+    "preset-bs16-pass4k-realistic": ("realistic", {**PRESET, **BS16, "pack_tokens": 4096}),
+    "preset-bs16-pass6k-realistic": ("realistic", {**PRESET, **BS16, "pack_tokens": 6144}),
     "preset-pass2k-realistic": ("realistic", {**PRESET, "pack_tokens": 2048}),
     "preset-pass4k-realistic": ("realistic", {**PRESET, "pack_tokens": 4096}),
     "preset-tiled-fixed2048": ("fixed2048", {**PRESET, "tiled_mlp": "true"}),

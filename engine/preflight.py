@@ -75,10 +75,6 @@ def _combination_problems(config: TrainConfig) -> list[str]:
         )
     if config.deepspeed and not Path(config.deepspeed).is_file():
         problems.append(f"deepspeed: config file {config.deepspeed} not found")
-    if config.offload_activations and not config.gradient_checkpointing:
-        problems.append(
-            "offload_activations moves gradient checkpoints to CPU memory: set gradient_checkpointing true too"
-        )
     if config.use_qlora and config.peft_type == PeftType.none:
         problems.append("use_qlora needs an adapter: 4-bit weights cannot be trained directly; set peft_type lora")
     if config.use_dora and config.peft_type != PeftType.lora:

@@ -78,6 +78,9 @@ class Recipe:
         self.model = model.load_model(config, attention)
         chunked_loss = self._chunked_loss()
         self.compiled = self._compiled()
+        if config.offload_activations and not config.gradient_checkpointing:
+            # A preset's offload stands aside when a person turns checkpointing off, instead of failing.
+            log.info("offload_activations: off, gradient_checkpointing is false: there are no checkpoints to offload")
         self.targets = config.lora_target_modules or model.resolve_target_modules(self.model)
         if config.peft_type != PeftType.none:
             log.info("adapter %s on %s", config.peft_type.value, ", ".join(self.targets))
@@ -142,7 +145,7 @@ class Recipe:
             from engine.tiled_mlp import TileMLPs
 
             callbacks.append(TileMLPs(self.config.tiled_mlp_tokens))
-        if self.config.offload_activations:
+        if self.config.offload_activations and self.config.gradient_checkpointing:
             from engine.offload import OffloadCheckpoints
 
             callbacks.append(OffloadCheckpoints())

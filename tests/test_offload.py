@@ -1,5 +1,7 @@
 """Offloaded gradient checkpoints (engine/offload.py). The copies need CUDA streams: the GPU test
-runs on the device machine (benchmarks/RESULTS.md), the pre-flight rule everywhere."""
+runs on the device machine (benchmarks/RESULTS.md), the rule for when it stands aside everywhere."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -9,9 +11,18 @@ from engine.offload import OffloadCheckpoints
 from engine.preflight import preflight
 
 
-def test_offload_without_checkpointing_is_a_preflight_problem():
-    config = TrainConfig(model_id="m", train_data="", offload_activations=True, gradient_checkpointing=False)
-    assert any(p.startswith("offload_activations") and "gradient_checkpointing true" in p for p in preflight(config))
+def test_offload_without_checkpointing_stands_aside_instead_of_failing(tmp_path):
+    """A preset's offload_activations with gradient checkpointing turned off: nothing to offload, no error."""
+    from engine.train import Recipe
+
+    config = TrainConfig(model_id="m", train_data="", output_dir=str(tmp_path), offload_activations=True,
+                         gradient_checkpointing=False)
+    assert not any("offload_activations" in p for p in preflight(config))
+    for checkpointing in (False, True):
+        recipe = Recipe(dataclasses.replace(config, gradient_checkpointing=checkpointing))
+        recipe.compiled = False
+        offloads = any(isinstance(c, OffloadCheckpoints) for c in recipe._model_callbacks())
+        assert offloads == checkpointing
 
 
 def _grads_and_peak(model, input_ids):
