@@ -16,6 +16,7 @@ its API: upload and check the data, start a run of the ddp preset on every GPU, 
 Gradio must be importable (GPU.md: carry its wheels, `.whl-ui/`, and install them on the machine).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -160,7 +161,9 @@ def measure(case: str) -> dict:
         result |= {
             "tokens_per_s": round(tokens / seconds), "step_s": round(seconds / len(after), 3),
             "rank0_peak_allocated_gib": max(e["gpu_memory_gib"] for e in logs),
-            "predicted_gib": _predicted(preset, config, len(gpus)),  # engine/memory.py's estimate, per GPU
+            # engine/memory.py's estimate per GPU, for the pass size the run chose (pack_tokens 0 grows on a GPU)
+            "predicted_gib": _predicted(preset, dataclasses.replace(
+                config, pack_tokens=_events(info, "started")[0]["config"]["pack_tokens"]), len(gpus)),
             "rank0_weights_gib": _events(info, "started")[0].get("weights_gib"),  # its ZeRO-3 share
             "rank0_load_peak_gib": _events(info, "started")[0].get("load_peak_gib"),  # loading's, before training
             "losses": [round(e["loss"], 4) for e in logs], "grad_norms": [round(e["grad_norm"], 4) for e in logs],
