@@ -202,6 +202,8 @@ class MemoryEstimate:
     available_gib: float | None
     verdict: str  # "fits", "tight", "will not fit", or "unknown" without a memory size
     advice: list[str]  # what to change, most effective first (empty when it fits)
+    grown_pack_tokens: int | None = None  # the pass pack_tokens 0 grew to on this GPU (None: not grown)
+    least_gib_per_gpu: float | None = None  # gib_per_gpu with passes of a padded micro-batch's tokens
 
     def summary(self) -> str:
         """One line for a person: the number, against what, and the verdict."""
@@ -281,15 +283,19 @@ def estimate_memory(
         parts = _parts(shape, dataclasses.replace(config, **changes), num_gpus, zero_stage)
         return _total(parts), parts
 
-    grown = {}  # a grown pass only ever takes memory that fits, so the levers below start from the least
-    if config.packing and not config.pack_tokens and available_gib is not None:
+    # As training does (engine/train.py): passes grow on a GPU only. A grown pass only ever takes memory
+    # that fits, so the levers below start from the least.
+    grown = {}
+    if config.packing and not config.pack_tokens and available_gib is not None and torch.cuda.is_available():
         grown = {"pack_tokens": grown_pack_tokens(shape, config, available_gib, num_gpus=num_gpus,
                                                   zero_stage=zero_stage)}
     total, parts = needed_with(grown)
+    least = needed_with({})[0]
     estimate = MemoryEstimate(
         gib_per_gpu=round(total, 2), peak_allocated_gib=round(sum(parts.values()), 2),
         parts={k: round(v, 2) for k, v in parts.items()}, available_gib=available_gib,
         verdict="unknown", advice=[],
+        grown_pack_tokens=grown["pack_tokens"] if grown and total > least else None, least_gib_per_gpu=round(least, 2),
     )  # fmt: skip
     if available_gib is None:
         return estimate

@@ -74,6 +74,19 @@ def test_the_estimate_gives_a_verdict_against_the_gpu():
     assert recommended.name == "fp16-v100-t4" and "Tesla T4" in text and "bfloat16" in text
 
 
+def test_the_estimate_says_when_free_memory_grows_the_passes_and_what_the_least_is(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on the GPU machine the app runs on
+    h100 = Context(runs_dir=None, cache_dir=None, hardware=Hardware([GPU(0, "H100", 79.0, 0.1, (9, 0))], 16, 128))
+    preset = load_preset("qlora-zero2")
+    config = make_config(preset, model_id="m", train_data="d", max_length=2048)  # 1 x 4 examples a step
+    text = model_step.estimate_markdown(h100, preset, config, "mistralai/Mistral-7B-Instruct-v0.2")
+    assert "Packed passes grow to 4,096 tokens" in text and "with Pack tokens 2,048 this run needs about" in text
+    pinned = dataclasses.replace(config, pack_tokens=2048)
+    assert "grow" not in model_step.estimate_markdown(h100, preset, pinned, "mistralai/Mistral-7B-Instruct-v0.2")
+
+
 def test_the_optimizer_is_picked_from_a_list_and_its_state_is_in_the_estimate():
     assert model_step._component(FIELDS["optim"]).choices[2] == ("adamw_bnb_8bit", "adamw_bnb_8bit")
     t4 = Context(runs_dir=None, cache_dir=None, hardware=Hardware([GPU(0, "Tesla T4", 15.0, 0.1, (7, 5))], 8, 32))

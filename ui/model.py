@@ -200,6 +200,10 @@ def estimate_markdown(ctx: Context, preset: Preset, config: TrainConfig, model: 
         if estimate.available_gib else f"{icon} **Memory: about {estimate.gib_per_gpu:.1f} GiB {where}.**"
     )
     advice = ("\n\nTo fit: " + "; or ".join(estimate.advice) + ".") if estimate.advice else ""
+    if estimate.grown_pack_tokens:
+        least = config.per_device_train_batch_size * config.max_length
+        advice += (f"\n\nPacked passes grow to {estimate.grown_pack_tokens:,} tokens to spend free memory on "
+                   f"speed; with {label('pack_tokens')} {least:,} this run needs about {estimate.least_gib_per_gpu:.1f} GiB.")
     return (
         f"{headline}{advice}\n\n<details><summary>How it adds up (worst case: every example "
         f"{config.max_length:,} tokens)</summary>\n\n{parts}\n\n</details>"
