@@ -81,6 +81,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def out_of_memory_hint(config) -> str:
     """What to change, most effective first, skipping what the config already does."""
     steps = []
+    padded = config.per_device_train_batch_size * config.max_length
+    if config.packing and config.pack_tokens > padded:  # set by hand, or grown from 0 (grown_pack_tokens)
+        steps.append(f"lower pack_tokens (now {config.pack_tokens}) to {padded}, what one padded micro-batch holds")
     if config.per_device_train_batch_size > 1:
         steps.append(f"lower per_device_train_batch_size (now {config.per_device_train_batch_size})")
     steps.append(f"lower max_length (now {config.max_length})")

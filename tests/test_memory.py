@@ -24,6 +24,10 @@ def test_out_of_memory_is_explained_with_what_to_change():
     assert "per_device_train_batch_size (now 4)" in hint and "max_length (now 4096)" in hint
     assert "use_qlora" in hint
     assert "use_qlora" not in out_of_memory_hint(TrainConfig(use_qlora=True))
+    # A pass grown past a padded micro-batch (by hand, or from pack_tokens 0 on a GPU) is the first thing to lower.
+    grown = out_of_memory_hint(TrainConfig(max_length=2048, pack_tokens=4096))
+    assert grown.startswith("Try: lower pack_tokens (now 4096) to 2048")
+    assert "pack_tokens" not in out_of_memory_hint(TrainConfig(max_length=2048, pack_tokens=4096, packing=False))
 
 
 def test_the_allocator_grows_segments_unless_the_user_set_it(monkeypatch):
