@@ -279,7 +279,12 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{name: coerce(name, value) for name, value in values.items()})
 
 
+def padded_tokens(config: TrainConfig) -> int:
+    """Tokens one padded micro-batch holds: per_device_train_batch_size examples of max_length."""
+    return config.per_device_train_batch_size * config.max_length
+
+
 def token_budget(config: TrainConfig) -> int:
     """Tokens one packed forward pass may hold: pack_tokens, else what a padded micro-batch could
     (on a GPU, engine/train.py sets pack_tokens 0 to a grown pass first)."""
-    return config.pack_tokens or config.per_device_train_batch_size * config.max_length
+    return config.pack_tokens or padded_tokens(config)

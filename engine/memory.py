@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.anyprecision import parse_options, state_bytes_per_param
-from engine.config import Optim, PeftType, TrainConfig, token_budget
+from engine.config import Optim, PeftType, TrainConfig, padded_tokens, token_budget
 
 LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 
@@ -81,7 +81,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def out_of_memory_hint(config) -> str:
     """What to change, most effective first, skipping what the config already does."""
     steps = []
-    padded = config.per_device_train_batch_size * config.max_length
+    padded = padded_tokens(config)
     if config.packing and config.pack_tokens > padded:  # set by hand, or grown from 0 (grown_pack_tokens)
         steps.append(f"lower pack_tokens (now {config.pack_tokens}) to {padded}, what one padded micro-batch holds")
     if config.per_device_train_batch_size > 1:
@@ -222,7 +222,7 @@ def _pass_tokens(config: TrainConfig) -> int:
     """The most tokens one forward pass holds: a padded micro-batch's, or when packing the budget,
     or more for an example longer than the budget, which runs in a pass of its own."""
     if not config.packing:
-        return config.per_device_train_batch_size * config.max_length
+        return padded_tokens(config)
     return max(token_budget(config), config.max_length)
 
 
@@ -293,7 +293,7 @@ def estimate_memory(
         grown = {"pack_tokens": grown_pack_tokens(shape, config, available_gib, num_gpus=num_gpus,
                                                   zero_stage=zero_stage)}
     total, parts = needed_with(grown)
-    least = needed_with({})[0]
+    least = needed_with({})[0] if grown else total
     estimate = MemoryEstimate(
         gib_per_gpu=round(total, 2), peak_allocated_gib=round(sum(parts.values()), 2),
         parts={k: round(v, 2) for k, v in parts.items()}, available_gib=available_gib,
@@ -309,9 +309,10 @@ def estimate_memory(
     # Levers, most effective first, applied one after another until the estimate fits the budget.
     budget = TIGHT_ABOVE * available_gib
     batch, pack_tokens = config.per_device_train_batch_size, config.pack_tokens if config.packing else 0
+    padded = padded_tokens(config)
     levers = [
-        (pack_tokens > batch * config.max_length, dict(pack_tokens=batch * config.max_length),
-         f"lower pack_tokens (now {pack_tokens}) to {batch * config.max_length}: what one padded micro-batch holds"),
+        (pack_tokens > padded, dict(pack_tokens=padded),
+         f"lower pack_tokens (now {pack_tokens}) to {padded}: what one padded micro-batch holds"),
         (config.peft_type == PeftType.none, dict(peft_type=PeftType.lora, use_qlora=True),
          "train a LoRA adapter (QLoRA) instead of the full model"),
         (config.peft_type != PeftType.none and not config.use_qlora, dict(use_qlora=True),
@@ -352,7 +353,7 @@ def grown_pack_tokens(
     few tokens it holds, so fuller passes are faster. Only memory that is free grows a pass: the least
     a run needs, and so which GPUs it can use, stays a padded micro-batch's.
     """
-    least = token_budget(dataclasses.replace(config, pack_tokens=0))
+    least = padded_tokens(config)
     most = max(least, min(least * config.gradient_accumulation_steps, GROWN_PASS_TOKENS))
 
     def too_big(tokens: int) -> bool:

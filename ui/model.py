@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from engine.config import FIELDS, TrainConfig, coerce, format_value, token_budget
+from engine.config import FIELDS, TrainConfig, coerce, format_value, padded_tokens
 from engine.launch import build_command, command_text
 from engine.memory import estimate_memory
 from engine.presets import Preset, list_presets, load_preset, make_config, recommend_preset
@@ -200,9 +200,9 @@ def estimate_markdown(ctx: Context, preset: Preset, config: TrainConfig, model: 
         if estimate.available_gib else f"{icon} **Memory: about {estimate.gib_per_gpu:.1f} GiB {where}.**"
     )
     advice = ("\n\nTo fit: " + "; or ".join(estimate.advice) + ".") if estimate.advice else ""
-    if estimate.grown_pack_tokens:  # grown from pack_tokens 0, so token_budget is a padded micro-batch's
+    if estimate.grown_pack_tokens:
         advice += (f"\n\nPacked passes grow to {estimate.grown_pack_tokens:,} tokens to spend free memory on "
-                   f"speed; with {label('pack_tokens')} {token_budget(config):,} this run needs about "
+                   f"speed; with {label('pack_tokens')} {padded_tokens(config):,} this run needs about "
                    f"{estimate.least_gib_per_gpu:.1f} GiB.")
     return (
         f"{headline}{advice}\n\n<details><summary>How it adds up (worst case: every example "
