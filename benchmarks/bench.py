@@ -14,7 +14,8 @@ Method, the same for every variant:
   schedule with 3% warm-up, bf16, QLoRA nf4 + double quantization, r=32, alpha=64 on all 7 linear
   projections, gradient checkpointing;
 - speed: the Trainer logs every optimizer step (the loss read syncs the GPU); tokens/s is
-  trained tokens over wall time from the end of step WARMUP_STEPS to the last step;
+  trained tokens over wall time from the end of step WARMUP_STEPS to the last step; steady
+  tokens/s leaves out the seconds torch.compile spent in that window (a new pass shape's graph);
 - MFU = tokens/s x (4 x N_frozen + 6 x N_lora) / PEAK_FLOPS, N_frozen the base's matmul
   parameters (all but the input embedding): forward 2N + input gradients 2N for a frozen base,
   forward + input + weight gradients 6N for the adapters; recomputation and attention not counted;
@@ -68,6 +69,8 @@ BS16 = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}  # 
 EVAL1 = {"per_device_eval_batch_size": 1}
 PASS1 = {"pack_tokens": 2048, **EVAL1}  # micro-batch 1 at 2,048 tokens: one example a pass, never grown
 LONG = {"max_length": 8192, "pack_tokens": 8192, **EVAL1}
+LOWMEM_BF16 = {"optim": "adamw_bnb_8bit", "offload_activations": "true", "lora_dropout": 0, "upcast_layernorm": "false",
+               **PASS1}  # issue 12's 5.0 GiB: every memory lever, bf16 hidden states as Unsloth's
 # What a user gets: the qlora-zero2 preset's engine flags (its DeepSpeed launcher aside: one GPU).
 PRESET = {k: str(v).lower() if isinstance(v, bool) else v
           for k, v in load_preset("qlora-zero2").train.items() if v is not None}  # None: the engine's auto
@@ -148,8 +151,7 @@ VARIANTS = {
     # (dropout 0 as Unsloth's default; the loss is compared against engine-fixed2048's)
     "engine-lowmem-fixed2048": ("fixed2048", {"optim": "adamw_bnb_8bit", "offload_activations": "true",
                                               "lora_dropout": 0, **PASS1}),
-    "engine-lowmem-bf16-fixed2048": ("fixed2048", {"optim": "adamw_bnb_8bit", "offload_activations": "true",
-                                                   "lora_dropout": 0, "upcast_layernorm": "false", **PASS1}),
+    "engine-lowmem-bf16-fixed2048": ("fixed2048", LOWMEM_BF16),
     # ... and the feed-forward block in slices of 512 tokens (measured 5.30 GiB without; estimate ~4.8)
     "engine-lowmem-tiled512-fixed2048": ("fixed2048", {"optim": "adamw_bnb_8bit", "offload_activations": "true",
                                                        "lora_dropout": 0, "tiled_mlp": "true", "tiled_mlp_tokens": 512,
@@ -157,6 +159,13 @@ VARIANTS = {
     "engine-lowmem-tiled512-bf16-fixed2048": ("fixed2048", {
         "optim": "adamw_bnb_8bit", "offload_activations": "true", "lora_dropout": 0, "upcast_layernorm": "false",
         "tiled_mlp": "true", "tiled_mlp_tokens": 512, **PASS1}),
+    # ... with the embedding table in CPU memory (0.24 GiB), compiled layers, slices of 1,024
+    "engine-lowmem-emb-bf16-fixed2048": ("fixed2048", {**LOWMEM_BF16, "offload_embeddings": "true"}),
+    "engine-lowmem-emb-compile-bf16-fixed2048": ("fixed2048", {
+        **LOWMEM_BF16, "offload_embeddings": "true", "torch_compile": "true"}),
+    "engine-lowmem-emb-compile-tiled1024-bf16-fixed2048": ("fixed2048", {
+        **LOWMEM_BF16, "offload_embeddings": "true", "torch_compile": "true", "tiled_mlp": "true",
+        "tiled_mlp_tokens": 1024}),
 }
 UNSLOTH_SITE = Path(".site-unsloth")  # its packages (trl, datasets 4, unsloth): see unsloth_run.py
 
@@ -236,9 +245,38 @@ def _flags(values: dict) -> list[str]:
     return [str(x) for k, v in values.items() for x in (f"--{k}", v)]
 
 
-def run_engine(data: str, flags: dict, out: Path) -> None:
+CLOCK = None  # the compile clock of this process's run: measure() runs one variant a process
+
+
+def compile_clock():
+    """A TrainerCallback noting the seconds torch.compile has spent by the end of each step.
+
+    A step whose passes need a new graph (the first of a new shape, a one-example pass) stops to
+    compile once; in a timed window of a few dozen steps those seconds would count as training.
+    Every runner gets one, Unsloth's included (it compiles too).
+    """
+    from torch._dynamo.utils import calculate_time_spent
+    from transformers import TrainerCallback
+
+    class CompileClock(TrainerCallback):
+        def __init__(self):
+            self.seconds: dict[int, float] = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds[state.global_step] = calculate_time_spent()["total_wall_time"]
+
+    global CLOCK
+    CLOCK = CompileClock()
+    return CLOCK
+
+
+def run_engine(data: str, flags: dict, out: Path, callbacks: tuple = ()) -> None:
+    """Runs the engine in this process; `callbacks` join its own (benchmark-only, so the engine
+    does not know of them)."""
     from engine import train
 
+    model_callbacks = train.Recipe._model_callbacks
+    train.Recipe._model_callbacks = lambda self: [*model_callbacks(self), compile_clock(), *callbacks]
     argv = ["--model_id", str(MODEL), "--train_data", str(BENCH / f"{data}-train.jsonl"),
             "--eval_data", str(BENCH / f"{data}-eval.jsonl"), "--output_dir", str(out),
             "--cleanup_output_dir_on_start", "true", *_flags({**COMMON, **flags})]
@@ -294,7 +332,7 @@ def run_seed(data: str, out: Path) -> None:
     events = EventWriter(out / "events.jsonl", enabled=True)
     trainer = Trainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["eval"],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      processing_class=tokenizer, callbacks=[EventsCallback(events, {})])
+                      processing_class=tokenizer, callbacks=[EventsCallback(events, {}), compile_clock()])
     trainer.train()
 
 
@@ -355,7 +393,7 @@ def measure(variant: str) -> dict:
     elif isinstance(flags, tuple):
         from benchmarks.unsloth_run import run_unsloth
 
-        run_unsloth(data, out, batch=flags[1], accumulation=flags[2])
+        run_unsloth(data, out, batch=flags[1], accumulation=flags[2], callbacks=(compile_clock(),))
     else:
         run_engine(data, flags, out)
     events, _ = read_events(out / "events.jsonl")
@@ -366,6 +404,8 @@ def measure(variant: str) -> dict:
     steps = last["step"] - first["step"]
     frozen, lora = _matmul_params()
     rate = tokens / seconds
+    compiling = CLOCK.seconds[last["step"]] - CLOCK.seconds[first["step"]]
+    durations = [b["time"] - a["time"] for a, b in zip(logs[WARMUP_STEPS - 1:-1], logs[WARMUP_STEPS:], strict=True)]
     evals = [e for e in events if e["event"] == "eval"]
     # Training's own peak: the log events' running peak before the first evaluation adds eval's batches.
     before_eval = events[:events.index(evals[0])] if evals else events
@@ -376,6 +416,9 @@ def measure(variant: str) -> dict:
         "variant": variant, "data": data, "flags": flags, "attention": config.get("attention", "sdpa"),
         "pack_tokens": config.get("pack_tokens"),
         "trained_tokens_per_s": round(rate), "step_time_s": round(seconds / steps, 3),
+        # The same window less the seconds spent compiling new graphs in it: the speed of a long run.
+        "compile_s_timed": round(compiling, 1), "steady_tokens_per_s": round(tokens / (seconds - compiling)),
+        "median_step_s": round(float(np.median(durations)), 3), "slowest_step_s": round(max(durations), 3),
         "tokens_per_step": round(tokens / steps), "timed_steps": steps, "total_steps": last["step"],
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
         "train_peak_allocated_gib": max(train_peaks, default=None),

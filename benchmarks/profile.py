@@ -82,7 +82,6 @@ def profile_one(variant: str, first: int, last: int) -> dict:
     from transformers import TrainerCallback
 
     from benchmarks import bench
-    from engine.train import Recipe
 
     def _sync():  # a CPU run (BENCH_MODEL at a tiny model) checks the plumbing
         if torch.cuda.is_available():
@@ -107,12 +106,9 @@ def profile_one(variant: str, first: int, last: int) -> dict:
                 state["prof"].__exit__(None, None, None)
                 state["prof"].export_chrome_trace(str(out))
 
-    # Benchmark-only: the profiler joins the engine's own callbacks without the engine knowing of it.
-    model_callbacks = Recipe._model_callbacks
-    Recipe._model_callbacks = lambda self: [*model_callbacks(self), Profile()]
     data, flags = bench.VARIANTS[variant]
     run_dir = Path("/tmp/bench-runs") / variant
-    bench.run_engine(data, {**flags, "eval_strategy": "no"}, run_dir)
+    bench.run_engine(data, {**flags, "eval_strategy": "no"}, run_dir, callbacks=(Profile(),))
     summary = summarize(json.loads(out.read_text()), state["wall_s"])
     out.unlink()  # tens of MB: the summary is what comes back
     return {"variant": variant, "steps": [first, last], **summary}

@@ -70,8 +70,9 @@ def longest_unsloth(limits: list[float], ladder: list[int]) -> None:
             start = i + 1
 
 
-def run_unsloth(data: str, out: Path, batch: int, accumulation: int) -> None:
-    """One epoch of QLoRA on `data` with Unsloth, writing our events to `out / "events.jsonl"`."""
+def run_unsloth(data: str, out: Path, batch: int, accumulation: int, callbacks: tuple = ()) -> None:
+    """One epoch of QLoRA on `data` with Unsloth, writing our events to `out / "events.jsonl"`;
+    `callbacks` join the trainer's."""
     os.environ["UNSLOTH_COMPILE_LOCATION"] = str(out / "unsloth_compiled_cache")
     model, tokenizer = _load(2048)
     from datasets import Dataset
@@ -101,5 +102,5 @@ def run_unsloth(data: str, out: Path, batch: int, accumulation: int) -> None:
     )
     events = EventWriter(out / "events.jsonl", enabled=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=tokenized("train"), eval_dataset=tokenized("eval"),
-                         processing_class=tokenizer, callbacks=[EventsCallback(events, {})])
+                         processing_class=tokenizer, callbacks=[EventsCallback(events, {}), *callbacks])
     trainer.train()

@@ -10,6 +10,7 @@ import torch
 
 from engine.anyprecision import parse_options, state_bytes_per_param
 from engine.config import Optim, PeftType, TrainConfig, padded_tokens, token_budget
+from engine.embeddings import why_not_offloaded
 
 LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 
@@ -234,6 +235,8 @@ def _parts(shape: ModelShape, config: TrainConfig, num_gpus: int, zero_stage: in
         weights = shape.linear_params * NF4_BITS / 8 + shape.embedding_params * 2
     else:
         weights = shape.num_params * (2 if sixteen_bit else 4)
+    if config.offload_embeddings and why_not_offloaded(config, shape.tied_embeddings, zero_stage) is None:
+        weights -= shape.vocab_size * shape.hidden_size * (2 if config.use_qlora or sixteen_bit else 4)
     if zero_stage == 3 and num_gpus > 1:
         weights /= num_gpus  # once training starts; each GPU holds them whole while loading (presets/README.md)
     trainable = shape.trainable_params(config.peft_type.value, config.lora_r)

@@ -11,7 +11,7 @@ inputs; `tiled_mlp_tokens` makes it smaller, which also pays at ordinary lengths
 the feed-forward intermediates are most of what a 7B QLoRA holds beyond its weights.
 """
 
-import functools
+import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -28,10 +28,12 @@ def tile_mlps(model: PreTrainedModel, tokens: int = 0) -> int:
         mlp = getattr(layer, "mlp", None)
         if not isinstance(layer, GradientCheckpointingLayer) or not isinstance(mlp, torch.nn.Module):
             continue
-        if getattr(mlp.forward, "func", None) is _tiled:  # a second train() on the same model
-            mlp.forward = functools.partial(_tiled, mlp.forward.args[0], tile)
-        else:
-            mlp.forward = functools.partial(_tiled, mlp.forward, tile)
+        if getattr(mlp.forward, "__func__", None) is not _tiled:  # not a second train() on the same model
+            mlp.untiled_forward = mlp.forward
+        # A method of one shared function, the slice an int attribute: a compiled layer's graph
+        # guards on the function, so all layers share it (a partial per layer would make each
+        # layer its own graph, past torch.compile's limit of 8, and the rest run uncompiled).
+        mlp.forward, mlp.tile_tokens = types.MethodType(_tiled, mlp), tile
         changed += 1
     return changed
 
@@ -47,12 +49,17 @@ class TileMLPs(TrainerCallback):
         tile_mlps(model, self.tokens)
 
 
-def _tiled(forward, tile: int, hidden_states: torch.Tensor) -> torch.Tensor:
-    if hidden_states.shape[-2] <= tile:
-        return forward(hidden_states)
-    slices = hidden_states.split(tile, dim=-2)
+def _tiled(mlp: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.shape[-2] <= mlp.tile_tokens:
+        return mlp.untiled_forward(hidden_states)
+    return _slices(mlp, hidden_states)
+
+
+@torch.compiler.disable
+def _slices(mlp: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    slices = hidden_states.split(mlp.tile_tokens, dim=-2)
     if torch.is_grad_enabled():
-        outputs = [checkpoint(forward, part, use_reentrant=False) for part in slices]
+        outputs = [checkpoint(mlp.untiled_forward, part, use_reentrant=False) for part in slices]
     else:  # the forward of a checkpointed layer: nothing is kept, but one slice at a time still peaks lower
-        outputs = [forward(part) for part in slices]
+        outputs = [mlp.untiled_forward(part) for part in slices]
     return torch.cat(outputs, dim=-2)

@@ -76,6 +76,8 @@ class Recipe:
         attention, why = model.pick_attention(config)
         log.info("attention: %s (%s)", attention, why)
         self.model = model.load_model(config, attention)
+        if config.offload_embeddings:
+            self._offload_embeddings()
         chunked_loss = self._chunked_loss()
         self.compiled = self._compiled()
         if config.offload_activations and not config.gradient_checkpointing:
@@ -103,6 +105,19 @@ class Recipe:
             "torch_compile": self.compiled,
         }
         self.trainer = self._build_trainer()
+
+    def _offload_embeddings(self) -> None:
+        from engine.embeddings import offload_embeddings, why_not_offloaded
+        from engine.memory import ModelShape
+        from engine.zero import zero_stage
+
+        tied = ModelShape.from_config(self.model.config.to_dict()).tied_embeddings
+        why_not = why_not_offloaded(self.config, tied, zero_stage(self.config.deepspeed))
+        if why_not:
+            log.info("offload_embeddings: off, %s", why_not)
+        else:
+            log.info("offload_embeddings: the input embedding table (%.2f GiB) looked up in CPU memory",
+                     offload_embeddings(self.model))
 
     def _grow_passes(self, config: TrainConfig) -> TrainConfig:
         """pack_tokens 0 on a GPU: passes as large as the memory estimate lets them grow (engine/memory.py)."""

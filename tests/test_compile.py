@@ -34,12 +34,12 @@ def six_layers(tiny_mistral, tmp_path_factory) -> Path:
     return folder
 
 
-def _losses(model_dir: Path, data: Path, out: Path, compile_: bool, peft_type: str) -> tuple[list[float], bool]:
+def _losses(model_dir: Path, data: Path, out: Path, compile_: bool, peft_type: str, **more) -> tuple[list[float], bool]:
     flags = {"model_id": model_dir, "train_data": data, "output_dir": out, "torch_compile": str(compile_).lower(),
              "bf16": "false", "lora_dropout": 0.0, "max_steps": 4, "per_device_train_batch_size": 2,
              "gradient_accumulation_steps": 2, "eval_size": 4, "eval_strategy": "steps", "eval_steps": 2,
              "save_strategy": "no", "logging_steps": 1, "report_to": "none", "peft_type": peft_type,
-             "learning_rate": 1e-3 if peft_type == "none" else 2e-2}  # steps that move the losses
+             "learning_rate": 1e-3 if peft_type == "none" else 2e-2, **more}  # steps that move the losses
     recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
     recipe.setup()
     recipe.trainer.train()
@@ -68,6 +68,27 @@ def test_compiled_layers_train_to_the_same_losses_with_one_graph_for_all_layers(
     # Per layer call, the forward of training and of evaluation, and a recompile for new lengths
     # at most: far fewer graphs than layers, which is what compiling one layer's code buys.
     assert 1 <= counters["stats"]["unique_graphs"] < LAYERS
+
+
+def test_compiled_layers_with_tiled_mlps_share_their_graphs(six_layers, tmp_path):
+    """Each layer's feed-forward in slices of 8 tokens, over passes of changing lengths (so changing
+    numbers of slices): the slices run outside the graph, so the layers still share a few graphs
+    instead of one per layer and per slice count (past torch.compile's limit of 8, then uncompiled)."""
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choices(["alpha", "beta", "the"], k=rng.randint(3, 40))), "completion": " done."}
+            for _ in range(24)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    tiled = {"tiled_mlp": "true", "tiled_mlp_tokens": 8}
+    eager, _ = _losses(six_layers, data, tmp_path / "eager", compile_=False, peft_type="lora", **tiled)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # no layer left uncompiled
+        compiled, _ = _losses(six_layers, data, tmp_path / "compiled", compile_=True, peft_type="lora", **tiled)
+
+    assert compiled == pytest.approx(eager, abs=2e-5)
+    # The layer's forward and its resumption after the slices, for packed and one-example passes, in
+    # training and evaluation: a handful of graphs, not one per layer and per number of slices.
+    assert 1 <= counters["stats"]["unique_graphs"] < 2 * LAYERS
 
 
 def test_compile_stands_aside_under_zero3_with_liger_and_for_4bit_weights_on_a_cpu(tmp_path, monkeypatch):
