@@ -219,7 +219,7 @@ class MemoryEstimate:
         )
 
 
-def _pass_tokens(config: TrainConfig) -> int:
+def largest_pass_tokens(config: TrainConfig) -> int:
     """The most tokens one forward pass holds: a padded micro-batch's, or when packing the budget,
     or more for an example longer than the budget, which runs in a pass of its own."""
     if not config.packing:
@@ -227,9 +227,23 @@ def _pass_tokens(config: TrainConfig) -> int:
     return max(token_budget(config), config.max_length)
 
 
+class HostMemoryError(MemoryError):
+    """CPU memory too small for what a run would keep there; args: (what went wrong, what to do)."""
+
+
+def _hidden_bytes(config: TrainConfig) -> int:
+    """Bytes of one residual-stream value: fp32 under QLoRA's upcast_layernorm and in fp32 training."""
+    return 4 if (config.use_qlora and config.upcast_layernorm) or not (config.bf16 or config.fp16) else 2
+
+
+def offloaded_gib(shape: ModelShape, config: TrainConfig) -> float:
+    """CPU memory offload_activations takes per process: every layer's input for the largest pass."""
+    return shape.num_layers * shape.hidden_size * _hidden_bytes(config) * largest_pass_tokens(config) / 2**30
+
+
 def _parts(shape: ModelShape, config: TrainConfig, num_gpus: int, zero_stage: int) -> dict[str, float]:
     gib = 2**30
-    tokens = _pass_tokens(config)
+    tokens = largest_pass_tokens(config)
     sixteen_bit = config.bf16 or config.fp16
     if config.use_qlora:  # the embedding and head stay 16-bit (engine/model.py)
         weights = shape.linear_params * NF4_BITS / 8 + shape.embedding_params * 2
@@ -249,8 +263,7 @@ def _parts(shape: ModelShape, config: TrainConfig, num_gpus: int, zero_stage: in
     else:
         state = trainable * (MASTER_BYTES + gradient + optimizer + (4 if num_gpus > 1 else 0))
 
-    # Activations. The residual stream is fp32 under QLoRA's upcast_layernorm (and in fp32 training).
-    hidden_bytes = 4 if (config.use_qlora and config.upcast_layernorm) or not sixteen_bit else 2
+    hidden_bytes = _hidden_bytes(config)
     mlp_tokens = min(tokens, config.tiled_mlp_tokens or shape.hidden_size) if config.tiled_mlp else tokens
     layer = 2 * (LAYER_HIDDEN * shape.hidden_size * tokens + LAYER_INTERMEDIATE * shape.intermediate_size * mlp_tokens)
     if config.gradient_checkpointing:

@@ -96,6 +96,8 @@ class Recipe:
         if config.packing:
             self.config = config = self._grow_passes(config)
         self.auto_batch = self._find_batch() if config.auto_find_batch_size else None
+        if config.offload_activations and config.gradient_checkpointing and torch.cuda.is_available():
+            self._check_host_memory()
         self.resolved = {
             **self.config.to_dict(),
             "lora_target_modules": self.targets,
@@ -118,6 +120,25 @@ class Recipe:
         else:
             log.info("offload_embeddings: the input embedding table (%.2f GiB) looked up in CPU memory",
                      offload_embeddings(self.model))
+
+    def _check_host_memory(self) -> None:
+        """Offloaded checkpoints beyond the CPU memory free: a readable error now, instead of the
+        kernel killing the process mid-step (7B at 196,608 tokens wants 96 GiB; benchmarks/RESULTS.md)."""
+        import psutil
+
+        from engine.memory import HostMemoryError, ModelShape, largest_pass_tokens, offloaded_gib
+
+        shape = ModelShape.from_config(self.model.config.to_dict())
+        needed = offloaded_gib(shape, self.config) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        free = psutil.virtual_memory().available / 2**30
+        log.info("offload_activations: up to %.1f GiB of CPU memory on this machine, %.1f GiB free", needed, free)
+        if needed > free:
+            raise HostMemoryError(
+                f"offload_activations needs about {needed:.1f} GiB of CPU memory for passes of "
+                f"{largest_pass_tokens(self.config):,} tokens, and this machine has {free:.1f} GiB free.",
+                "Lower max_length (or pack_tokens), or turn offload_activations off to keep those activations "
+                "on the GPU.",
+            )
 
     def _grow_passes(self, config: TrainConfig) -> TrainConfig:
         """pack_tokens 0 on a GPU: passes as large as the memory estimate lets them grow (engine/memory.py)."""
@@ -314,6 +335,8 @@ def _configure_logging() -> None:
 def _explain(exc: BaseException, config: TrainConfig) -> tuple[str, str]:
     from engine import memory
 
+    if isinstance(exc, memory.HostMemoryError):
+        return exc.args[0], exc.args[1]
     if memory.is_out_of_memory(exc):
         return "The GPU ran out of memory.", memory.out_of_memory_hint(config)
     if _is_disk_full(exc):

@@ -150,7 +150,7 @@ def test_the_probe_trains_nothing_and_takes_the_largest_pass_within_the_margin(t
     assert torch.equal(torch.random.get_rng_state(), rng)
     # It ran the model as training will: checkpointing on, the callbacks' changes made (tiled MLPs).
     assert model.training and model.base_model.model.model.gradient_checkpointing
-    assert all(layer.mlp.forward.func is _tiled for layer in model.base_model.model.model.layers)
+    assert all(layer.mlp.forward.__func__ is _tiled for layer in model.base_model.model.model.layers)
 
 
 # ---------------------------------------------------------------- whole runs

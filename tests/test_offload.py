@@ -61,3 +61,29 @@ def test_offloaded_checkpoints_give_the_same_gradients_with_less_gpu_memory():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     checkpoints = (layers - 1) * tokens * hidden * 4  # fp32 inputs of every layer but the first
     assert kept_peak - offloaded_peak > 0.8 * checkpoints, (kept_peak, offloaded_peak)
+
+
+def test_offload_beyond_the_free_cpu_memory_is_a_readable_error_not_a_killed_process(monkeypatch):
+    import types
+
+    import psutil
+
+    from engine import train
+    from engine.memory import HostMemoryError
+
+    mistral_7b = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=32000,
+                      num_attention_heads=32, num_key_value_heads=8)
+    config = TrainConfig(model_id="m", train_data="d", use_qlora=True, bf16=True, offload_activations=True,
+                         max_length=196608, pack_tokens=196608)
+    recipe = types.SimpleNamespace(config=config, model=types.SimpleNamespace(
+        config=types.SimpleNamespace(to_dict=lambda: mistral_7b)))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=64 * 2**30))
+    with pytest.raises(HostMemoryError) as raised:
+        train.Recipe._check_host_memory(recipe)
+    error, hint = train._explain(raised.value, config)
+    # Every layer's fp32 input at 196,608 tokens: 32 x 4,096 x 4 bytes a token, 96 GiB.
+    assert error == ("offload_activations needs about 96.0 GiB of CPU memory for passes of 196,608 tokens, "
+                     "and this machine has 64.0 GiB free.")
+    assert "Lower max_length" in hint and "offload_activations off" in hint
+    recipe.config = dataclasses.replace(config, max_length=65536, pack_tokens=65536)  # 32 GiB: fits
+    train.Recipe._check_host_memory(recipe)
