@@ -340,6 +340,8 @@ def estimate_memory(
         (torch.cuda.is_available() and not config.offload_activations, dict(offload_activations=True),
          "turn on offload_activations"),
         (not config.tiled_mlp and config.max_length > shape.hidden_size, dict(tiled_mlp=True), "turn on tiled_mlp"),
+        (not config.offload_embeddings and why_not_offloaded(config, shape.tied_embeddings, zero_stage) is None,
+         dict(offload_embeddings=True), "turn on offload_embeddings"),
     ]
     changes: dict = {}
     for applies, change, words in levers:

@@ -48,6 +48,7 @@ def test_the_estimate_leaves_out_the_table_and_offload_stands_aside_where_it_can
     saved = (estimate_memory(shape, qlora).parts["model weights"]
              - estimate_memory(shape, dataclasses.replace(qlora, offload_embeddings=True)).parts["model weights"])
     assert saved == pytest.approx(32000 * 4096 * 2 / 2**30, abs=0.01)  # 0.24 GiB of 16-bit table
+    assert "turn on offload_embeddings" in estimate_memory(shape, qlora, available_gib=4.0).advice  # a short GPU
 
     assert why_not_offloaded(qlora, tied_embeddings=False, zero_stage=2) is None
     assert "shares the table" in why_not_offloaded(qlora, tied_embeddings=True, zero_stage=0)
