@@ -245,9 +245,6 @@ def _flags(values: dict) -> list[str]:
     return [str(x) for k, v in values.items() for x in (f"--{k}", v)]
 
 
-CLOCK = None  # the compile clock of this process's run: measure() runs one variant a process
-
-
 def compile_clock():
     """A TrainerCallback noting the seconds torch.compile has spent by the end of each step.
 
@@ -265,9 +262,7 @@ def compile_clock():
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds[state.global_step] = calculate_time_spent()["total_wall_time"]
 
-    global CLOCK
-    CLOCK = CompileClock()
-    return CLOCK
+    return CompileClock()
 
 
 def run_engine(data: str, flags: dict, out: Path, callbacks: tuple = ()) -> None:
@@ -276,7 +271,7 @@ def run_engine(data: str, flags: dict, out: Path, callbacks: tuple = ()) -> None
     from engine import train
 
     model_callbacks = train.Recipe._model_callbacks
-    train.Recipe._model_callbacks = lambda self: [*model_callbacks(self), compile_clock(), *callbacks]
+    train.Recipe._model_callbacks = lambda self: [*model_callbacks(self), *callbacks]
     argv = ["--model_id", str(MODEL), "--train_data", str(BENCH / f"{data}-train.jsonl"),
             "--eval_data", str(BENCH / f"{data}-eval.jsonl"), "--output_dir", str(out),
             "--cleanup_output_dir_on_start", "true", *_flags({**COMMON, **flags})]
@@ -284,8 +279,9 @@ def run_engine(data: str, flags: dict, out: Path, callbacks: tuple = ()) -> None
         raise SystemExit("engine run failed")
 
 
-def run_seed(data: str, out: Path) -> None:
-    """The seed recipe written plainly: HF Trainer + PEFT QLoRA, SDPA, padding to the longest."""
+def run_seed(data: str, out: Path, callbacks: tuple = ()) -> None:
+    """The seed recipe written plainly: HF Trainer + PEFT QLoRA, SDPA, padding to the longest;
+    `callbacks` join the trainer's."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -332,7 +328,7 @@ def run_seed(data: str, out: Path) -> None:
     events = EventWriter(out / "events.jsonl", enabled=True)
     trainer = Trainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["eval"],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      processing_class=tokenizer, callbacks=[EventsCallback(events, {}), compile_clock()])
+                      processing_class=tokenizer, callbacks=[EventsCallback(events, {}), *callbacks])
     trainer.train()
 
 
@@ -388,14 +384,15 @@ def measure(variant: str) -> dict:
     device = DeviceMemory() if gpu else None
     if device:
         device.start()
+    clock = compile_clock()
     if flags is SEED_RECIPE:
-        run_seed(data, out)
+        run_seed(data, out, callbacks=(clock,))
     elif isinstance(flags, tuple):
         from benchmarks.unsloth_run import run_unsloth
 
-        run_unsloth(data, out, batch=flags[1], accumulation=flags[2], callbacks=(compile_clock(),))
+        run_unsloth(data, out, batch=flags[1], accumulation=flags[2], callbacks=(clock,))
     else:
-        run_engine(data, flags, out)
+        run_engine(data, flags, out, callbacks=(clock,))
     events, _ = read_events(out / "events.jsonl")
     logs = [e for e in events if e["event"] == "log"]
     first, last = logs[WARMUP_STEPS - 1], logs[-1]
@@ -404,7 +401,7 @@ def measure(variant: str) -> dict:
     steps = last["step"] - first["step"]
     frozen, lora = _matmul_params()
     rate = tokens / seconds
-    compiling = CLOCK.seconds[last["step"]] - CLOCK.seconds[first["step"]]
+    compiling = clock.seconds[last["step"]] - clock.seconds[first["step"]]
     durations = [b["time"] - a["time"] for a, b in zip(logs[WARMUP_STEPS - 1:-1], logs[WARMUP_STEPS:], strict=True)]
     evals = [e for e in events if e["event"] == "eval"]
     # Training's own peak: the log events' running peak before the first evaluation adds eval's batches.

@@ -19,9 +19,13 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.config import PeftType, TrainConfig, parse_args
 from engine.events import EventWriter
+
+if TYPE_CHECKING:
+    from engine.memory import ModelShape
 
 log = logging.getLogger("engine.train")
 
@@ -108,13 +112,18 @@ class Recipe:
         }
         self.trainer = self._build_trainer()
 
+    @functools.cached_property
+    def shape(self) -> "ModelShape":
+        """The loaded model's shape, as the memory estimate reads it."""
+        from engine.memory import ModelShape
+
+        return ModelShape.from_config(self.model.config.to_dict())
+
     def _offload_embeddings(self) -> None:
         from engine.embeddings import offload_embeddings, why_not_offloaded
-        from engine.memory import ModelShape
         from engine.zero import zero_stage
 
-        tied = ModelShape.from_config(self.model.config.to_dict()).tied_embeddings
-        why_not = why_not_offloaded(self.config, tied, zero_stage(self.config.deepspeed))
+        why_not = why_not_offloaded(self.config, self.shape.tied_embeddings, zero_stage(self.config.deepspeed))
         if why_not:
             log.info("offload_embeddings: off, %s", why_not)
         else:
@@ -126,10 +135,9 @@ class Recipe:
         kernel killing the process mid-step (7B at 196,608 tokens wants 96 GiB; benchmarks/RESULTS.md)."""
         import psutil
 
-        from engine.memory import HostMemoryError, ModelShape, largest_pass_tokens, offloaded_gib
+        from engine.memory import HostMemoryError, largest_pass_tokens, offloaded_gib
 
-        shape = ModelShape.from_config(self.model.config.to_dict())
-        needed = offloaded_gib(shape, self.config) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        needed = offloaded_gib(self.shape, self.config) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         free = psutil.virtual_memory().available / 2**30
         log.info("offload_activations: up to %.1f GiB of CPU memory on this machine, %.1f GiB free", needed, free)
         if needed > free:
@@ -145,14 +153,13 @@ class Recipe:
         import torch
 
         from engine.config import token_budget
-        from engine.memory import ModelShape, grown_pack_tokens, memory_limit
+        from engine.memory import grown_pack_tokens, memory_limit
         from engine.zero import zero_stage
 
         examples = config.per_device_train_batch_size * config.gradient_accumulation_steps
         if not config.pack_tokens and torch.cuda.is_available():
             limit, source = memory_limit(torch.device("cuda", torch.cuda.current_device()))
-            shape = ModelShape.from_config(self.model.config.to_dict())
-            grown = grown_pack_tokens(shape, config, limit / 2**30, zero_stage=zero_stage(config.deepspeed),
+            grown = grown_pack_tokens(self.shape, config, limit / 2**30, zero_stage=zero_stage(config.deepspeed),
                                       num_gpus=int(os.environ.get("WORLD_SIZE", 1)))
             log.info("packing: passes of up to %d tokens, as many as the memory estimate fits in %.1f GiB (%s)",
                      grown, limit / 2**30, source)

@@ -69,14 +69,13 @@ def test_offload_beyond_the_free_cpu_memory_is_a_readable_error_not_a_killed_pro
     import psutil
 
     from engine import train
-    from engine.memory import HostMemoryError
+    from engine.memory import HostMemoryError, ModelShape
 
     mistral_7b = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=32000,
                       num_attention_heads=32, num_key_value_heads=8)
     config = TrainConfig(model_id="m", train_data="d", use_qlora=True, bf16=True, offload_activations=True,
                          max_length=196608, pack_tokens=196608)
-    recipe = types.SimpleNamespace(config=config, model=types.SimpleNamespace(
-        config=types.SimpleNamespace(to_dict=lambda: mistral_7b)))
+    recipe = types.SimpleNamespace(config=config, shape=ModelShape.from_config(mistral_7b))
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=64 * 2**30))
     with pytest.raises(HostMemoryError) as raised:
         train.Recipe._check_host_memory(recipe)
