@@ -385,6 +385,8 @@ def measure(variant: str) -> dict:
     if device:
         device.start()
     clock = compile_clock()
+    from torch._dynamo.utils import counters
+
     if flags is SEED_RECIPE:
         run_seed(data, out, callbacks=(clock,))
     elif isinstance(flags, tuple):
@@ -415,6 +417,8 @@ def measure(variant: str) -> dict:
         "trained_tokens_per_s": round(rate), "step_time_s": round(seconds / steps, 3),
         # The same window less the seconds spent compiling new graphs in it: the speed of a long run.
         "compile_s_timed": round(compiling, 1), "steady_tokens_per_s": round(tokens / (seconds - compiling)),
+        # A break splits a compiled layer into pieces with Python between them: what compile buys is lost.
+        "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
         "median_step_s": round(float(np.median(durations)), 3), "slowest_step_s": round(max(durations), 3),
         "tokens_per_step": round(tokens / steps), "timed_steps": steps, "total_steps": last["step"],
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,

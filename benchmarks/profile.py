@@ -61,6 +61,13 @@ def summarize(trace: dict, wall_s: float) -> dict:
     for e in trace["traceEvents"]:
         if e.get("cat") == "cpu_op" and e.get("dur"):
             host[e["name"]] += e["dur"]
+    # CUDA runtime calls: launches cost a few us each; a synchronize or a blocking copy is the host
+    # waiting for the GPU, after which the GPU waits for the host: their time says how much.
+    runtime: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in trace["traceEvents"]:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("dur"):
+            runtime[e["name"]][0] += e["dur"]
+            runtime[e["name"]][1] += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
     busy = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     return {
@@ -70,6 +77,8 @@ def summarize(trace: dict, wall_s: float) -> dict:
         "kernels": len(kernels),
         "kernel_s_by_kind": {k: round(v / 1e6, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n[:120], "s": round(s / 1e6, 4), "calls": c} for n, (s, c) in top],
+        "top_runtime_calls": [{"name": n[:60], "s": round(t / 1e6, 3), "calls": c}
+                              for n, (t, c) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:12]],
         # host ops overlap (a parent's time includes its children's): a list to read, not to add up
         "top_host_ops": [{"name": n[:80], "s": round(s / 1e6, 3)}
                          for n, s in sorted(host.items(), key=lambda kv: -kv[1])[:25]],

@@ -28,10 +28,6 @@ def why_not_compiled(config: TrainConfig) -> str | None:
         # The compiler cannot see into Liger's Triton kernels: the layer's graph breaks at each, and
         # together they ran slower than either alone (benchmarks/RESULTS.md, run 20).
         return "use_liger_kernel's kernels already fuse these steps"
-    if config.use_qlora and not torch.cuda.is_available():
-        # bitsandbytes repacks 4-bit weights on a CPU between training and evaluation: a compiled
-        # layer's graph holds the old layout (seen as a size assertion at the first evaluation).
-        return "bitsandbytes changes 4-bit weights' layout on a CPU, which a compiled graph cannot follow"
     return None
 
 

@@ -99,3 +99,34 @@ def test_under_zero3_4bit_weights_are_stored_in_the_compute_dtype_with_the_same_
     assert torch.equal(zero3.view(torch.uint8), zero2.view(-1, 2))
     assert not getattr(zero3.quant_state, "packing_format_for_cpu", False)
     assert torch.equal(zero3_logits, zero2_logits)
+
+
+def test_qlora_on_a_cpu_trains_the_same_steps_with_an_evaluation_between(tiny_mistral, tmp_path):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel at the first evaluation, and
+    that kernel has no backward: the steps after it would lose their gradients without an error."""
+    import random
+
+    from engine import train
+    from engine.config import parse_args
+    from tests.conftest import write_jsonl
+
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choices(["alpha", "beta", "the", "of"], k=rng.randint(3, 40))),
+             "completion": " done."} for _ in range(24)]  # fmt: skip
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+
+    def losses(evaluate: bool) -> list[float]:
+        flags = {"model_id": tiny_mistral, "train_data": data, "output_dir": tmp_path / str(evaluate),
+                 "use_qlora": "true", "bf16": "false", "lora_dropout": 0.0, "max_steps": 4,
+                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "eval_size": 4,
+                 "eval_strategy": "steps" if evaluate else "no", "eval_steps": 2, "save_strategy": "no",
+                 "logging_steps": 1, "learning_rate": 2e-2}  # fmt: skip
+        recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
+        recipe.setup()
+        recipe.trainer.train()
+        return [h["loss"] for h in recipe.trainer.state.log_history if "loss" in h]
+
+    with_evaluation, without = losses(True), losses(False)
+    assert len(with_evaluation) == 4
+    assert with_evaluation == pytest.approx(without, abs=1e-5)
+    assert without[0] - without[-1] > 1  # steps that learn, so a lost gradient would show
