@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from engine import faults
+from engine.lean_trainer import LeanTrainer
 
 PARTIAL = ".partial"  # inside output_dir: the same filesystem, and no `checkpoint-*` glob matches it
 # Written last when the final model is moved into place: a folder holding one of these holds the
@@ -25,7 +25,7 @@ PARTIAL = ".partial"  # inside output_dir: the same filesystem, and no `checkpoi
 MARKERS = ("adapter_config.json", "config.json")
 
 
-class AtomicCheckpointTrainer(Trainer):
+class AtomicCheckpointTrainer(LeanTrainer):
     """Trainer whose checkpoints go through output_dir/.partial/ (see the module docstring)."""
 
     _staging: str | None = None

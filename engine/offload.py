@@ -10,6 +10,8 @@ pass the input of the layer after the current one is fetched while the current o
 (torchtune's OffloadActivations does this for every activation; checkpoints are all we need).
 """
 
+from collections import defaultdict
+
 import torch
 from transformers import TrainerCallback
 
@@ -18,35 +20,62 @@ from transformers import TrainerCallback
 MIN_BYTES = 1 << 20
 
 
+class PinnedBuffers:
+    """Pinned host buffers kept from pass to pass, in power-of-two sizes.
+
+    Asking torch for pinned memory at every checkpoint cost about a millisecond each (py-spy, run 37:
+    6% of the host's time on realistic lengths, where the GPU waits on the host). A buffer given
+    back may be taken again at once: every copy into or out of one is queued on the one offload
+    stream, so a new copy in starts only after the last copy out has finished.
+    """
+
+    def __init__(self, pin: bool = True):
+        self.pin = pin
+        self.free: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        size = 1 << max(nbytes - 1, 0).bit_length()  # as torch's own pinned-memory cache rounds
+        if self.free[size]:
+            return self.free[size].pop()
+        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        self.free[buffer.numel()].append(buffer)
+
+
 class CheckpointOffload(torch.autograd.graph.saved_tensors_hooks):
     """Saved tensors of at least MIN_BYTES on a CUDA device → pinned host memory, and back."""
 
     def __init__(self):
         self.stream = torch.cuda.Stream()
-        self.on_host: dict[int, tuple[torch.Tensor, torch.device]] = {}
+        self.buffers = PinnedBuffers()
+        self.on_host: dict[int, tuple[torch.Tensor, torch.Tensor, torch.device]] = {}
         self.fetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.count = 0
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
-        if tensor.device.type != "cuda" or tensor.numel() * tensor.element_size() < MIN_BYTES:
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cuda" or nbytes < MIN_BYTES:
             return tensor
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        buffer = self.buffers.take(nbytes)
+        host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
         self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is written by then
         with torch.cuda.stream(self.stream):
             host.copy_(tensor, non_blocking=True)
         # The allocator reuses this GPU memory only once the copy, queued on our stream, is done.
         tensor.record_stream(self.stream)
         self.count += 1
-        self.on_host[self.count] = (host, tensor.device)
+        self.on_host[self.count] = (buffer, host, tensor.device)
         return self.count
 
     def _fetch(self, key: int) -> None:
-        host, device = self.on_host.pop(key)
+        buffer, host, device = self.on_host.pop(key)
         with torch.cuda.stream(self.stream):
             tensor = host.to(device, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
+        self.buffers.give(buffer)
         self.fetched[key] = (tensor, done)
 
     def _unpack(self, key):

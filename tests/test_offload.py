@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import TrainConfig
-from engine.offload import OffloadCheckpoints
+from engine.offload import OffloadCheckpoints, PinnedBuffers
 from engine.preflight import preflight
 
 
@@ -86,3 +86,15 @@ def test_offload_beyond_the_free_cpu_memory_is_a_readable_error_not_a_killed_pro
     assert "Lower max_length" in hint and "offload_activations off" in hint
     recipe.config = dataclasses.replace(config, max_length=65536, pack_tokens=65536)  # 32 GiB: fits
     train.Recipe._check_host_memory(recipe)
+
+
+def test_pinned_buffers_are_reused_by_size_class_instead_of_asked_for_each_checkpoint():
+    buffers = PinnedBuffers(pin=False)  # pinning needs CUDA; the bookkeeping does not
+    first = buffers.take(3 << 20)
+    assert first.numel() == 4 << 20  # 3 MiB rounds up to the 4 MiB class
+    assert buffers.take(3 << 20) is not first  # still held: a second buffer
+    buffers.give(first)
+    again = buffers.take((3 << 20) + 1)
+    assert again is first  # the same class, given back: no new memory
+    assert buffers.take(5 << 20).numel() == 8 << 20
+    assert buffers.take(4 << 20).numel() == 4 << 20  # an exact power of two stays as it is
