@@ -23,8 +23,8 @@ MIN_BYTES = 1 << 20
 class PinnedBuffers:
     """Pinned host buffers kept from pass to pass, in power-of-two sizes.
 
-    Asking torch for pinned memory at every checkpoint cost about a millisecond each (py-spy, run 37:
-    6% of the host's time on realistic lengths, where the GPU waits on the host). A buffer given
+    Asking torch for pinned memory at every checkpoint took 6% of the training loop's host time
+    (py-spy, run 37: realistic lengths, where the GPU waits on the host). A buffer given
     back may be taken again at once: every copy into or out of one is queued on the one offload
     stream, so a new copy in starts only after the last copy out has finished.
     """
