@@ -11,8 +11,6 @@ offload hooks (engine/offload.py) and the loss around them run as before. The la
 forward is compiled, not the checkpointing call around it, so a recomputation reuses the graph.
 """
 
-import os
-
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -26,13 +24,6 @@ def why_not_compiled(config: TrainConfig) -> str | None:
     """Why torch_compile cannot run for this run, or None when it can."""
     if zero_stage(config.deepspeed) == 3:
         return "ZeRO-3 gathers each weight in hooks on every module, which a compiled layer would trace through"
-    if config.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # ZeRO-2 sums the ranks' gradients in buffers filled in the order their hooks fire. When ranks
-        # run passes of different kinds at once (one example or several, an idle pass), each runs
-        # another compiled graph, and the gradients then disagree with an eager run's (a CPU test:
-        # the same losses, a 3% smaller gradient norm at the first such step, then drifting curves).
-        # DDP buckets by parameter and is unaffected; so is a single process.
-        return "DeepSpeed on several processes sums gradients in an order a compiled layer can change"
     if uses_liger(config):
         # The compiler cannot see into Liger's Triton kernels: the layer's graph breaks at each, and
         # together they ran slower than either alone (benchmarks/RESULTS.md, run 20).

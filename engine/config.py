@@ -97,7 +97,7 @@ class TrainConfig:
     use_liger_kernel: bool = _flag(False, "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and linear + cross-entropy that never holds the full logits); CUDA only, ignored elsewhere.", "hardware")
     bf16: bool = _flag(False, "bfloat16 mixed precision (Ampere or newer GPUs, and CPUs).", "hardware")
     fp16: bool = _flag(False, "float16 mixed precision (V100, T4 and other GPUs without bf16).", "hardware")
-    torch_compile: bool = _flag(False, "Compile each decoder layer with torch.compile, which fuses the small steps between its matrix products: faster steps once compiled, after a first step that takes tens of seconds longer. Off under ZeRO-3, under DeepSpeed on more than one GPU, and with use_liger_kernel.", "hardware")
+    torch_compile: bool = _flag(False, "Compile each decoder layer with torch.compile, which fuses the small steps between its matrix products: faster steps once compiled, after a first step that takes tens of seconds longer. Off under ZeRO-3 and with use_liger_kernel.", "hardware")
     deepspeed: str | None = _flag(None, "DeepSpeed JSON config file; NA for none.", "hardware")
     use_ddp: bool = _flag(False, "Plain data-parallel training across the launched processes (no DeepSpeed).", "hardware")
 

@@ -58,8 +58,10 @@ def pack(examples: list[dict]) -> dict[str, torch.Tensor | int]:
     """Examples → one (1, tokens) pass with no padding.
 
     Each example's first label becomes -100: the loss shifts labels by one, so it was never a
-    target, and counting it would skew the step's normalisation. A pass of one example carries
-    no boundaries, so it runs exactly as an unpacked micro-batch does.
+    target, and counting it would skew the step's normalisation. A pass of one example carries the
+    same arguments (its bounds are its ends), so that every pass runs one compiled graph: under
+    ZeRO-2, ranks running different graphs in one pass summed different gradients (the passes of
+    one example took another attention path; benchmarks/RESULTS.md, runs 33-42).
     """
     input_ids, labels, position_ids = [], [], []
     for example in examples:
@@ -68,13 +70,12 @@ def pack(examples: list[dict]) -> dict[str, torch.Tensor | int]:
         labels += [-100, *example["labels"][1:]]
         position_ids += range(n)
     batch: dict[str, torch.Tensor | int] = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
-    if len(examples) > 1:
-        positions = torch.tensor(position_ids)
-        starts = torch.cat([torch.nonzero(positions == 0).flatten(), torch.tensor([len(positions)])]).to(torch.int32)
-        longest = int(starts.diff().max())
-        # The names transformers' flash-attention path reads; other backends use the position ids.
-        batch.update(position_ids=positions[None], cu_seq_lens_q=starts, cu_seq_lens_k=starts,
-                     max_length_q=longest, max_length_k=longest)
+    positions = torch.tensor(position_ids)
+    starts = torch.cat([torch.nonzero(positions == 0).flatten(), torch.tensor([len(positions)])]).to(torch.int32)
+    longest = int(starts.diff().max())
+    # The names transformers' flash-attention path reads; other backends use the position ids.
+    batch.update(position_ids=positions[None], cu_seq_lens_q=starts, cu_seq_lens_k=starts,
+                 max_length_q=longest, max_length_k=longest)
     return batch
 
 
@@ -94,9 +95,10 @@ class StepCollator:
         return {**pack([examples[i] for members in bins for i in members]), "passes": passes}
 
 
-# A pass that trains nothing (its one label is ignored): a rank with fewer passes runs these, so
-# that every rank joins the same number of gradient collectives (ZeRO-2 reduces in each backward).
-_IDLE_PASS = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.full((1, 1), -100)}
+# A pass that trains nothing (its labels are ignored): a rank with fewer passes runs these, so that
+# every rank joins the same number of gradient collectives (ZeRO-2 reduces in each backward). Packed
+# like the others and two tokens long (a length of 1 would get a graph of its own), it runs their graph.
+_IDLE_PASS = pack([{"input_ids": [0, 0], "labels": [-100, -100]}])
 
 
 class StepPackingTrainer(AtomicCheckpointTrainer):

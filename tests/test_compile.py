@@ -93,16 +93,12 @@ def test_compiled_layers_with_tiled_mlps_share_their_graphs(six_layers, tmp_path
     assert 1 <= counters["stats"]["unique_graphs"] < 2 * LAYERS
 
 
-def test_compile_stands_aside_under_zero3_multi_process_deepspeed_and_liger(tmp_path, monkeypatch):
+def test_compile_stands_aside_under_zero3_and_with_liger(tmp_path, monkeypatch):
     common = {"model_id": "m", "train_data": str(tmp_path / "d.jsonl")}
     zero3, zero2 = load_preset("qlora-zero3"), load_preset("qlora-zero2")  # the launcher passes their JSON
     assert "ZeRO-3" in why_not_compiled(make_config(zero3, **common, deepspeed=zero3.deepspeed))
     zero2 = make_config(zero2, **common, deepspeed=zero2.deepspeed, use_qlora=False)
-    assert why_not_compiled(zero2) is None  # one process
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert "DeepSpeed on several processes" in why_not_compiled(zero2)
-    assert why_not_compiled(make_config(load_preset("ddp"), **common)) is None  # DDP buckets by parameter
-    monkeypatch.delenv("WORLD_SIZE")
+    assert why_not_compiled(zero2) is None
     assert why_not_compiled(make_config(load_preset("qlora-zero2"), **common)) is None  # 4-bit weights, a CPU too
     if not torch.cuda.is_available():
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # Liger runs on CUDA only
@@ -133,12 +129,12 @@ def _curve(info, runs_dir: Path, compiled: bool, timeout: float = 600) -> list[t
 
 
 @pytest.mark.slow
-def test_compiled_layers_under_ddp_follow_the_eager_curve_and_zero2_on_two_processes_runs_eager(six_layers, tmp_path):
-    """The presets' 2-process runs (gloo, fp32, LoRA on the 16-bit base), started as the app starts
-    them, in passes of at most 64 tokens: ranks run passes of different kinds at once (one example or
-    several, idle passes). DDP with and without torch_compile: the same losses and gradient norms.
-    ZeRO-2 sums gradients in hook order, which such passes changed under compile (at step 10 of this
-    data: a 3% smaller gradient norm than eager), so there torch_compile stands aside."""
+def test_compiled_layers_under_ddp_and_zero2_follow_the_eager_curve(six_layers, tmp_path):
+    """The presets' 2-process runs (gloo, fp32, LoRA on the 16-bit base) with and without
+    torch_compile, started as the app starts them, in passes of at most 64 tokens: ranks run passes
+    of one example, of several and idle ones at once. The same losses and gradient norms (ZeRO-2 sums
+    gradients in hook order: when one-example passes took their own graph, its norms fell away from
+    eager's; tests/test_correctness.py has that case)."""
     rng = random.Random(0)
     words = ["a", "b", "c", "hello", "world"]
     rows = [{"prompt": f"Q{i}: " + " ".join(rng.choices(words, k=rng.randint(2, 8))),
@@ -150,14 +146,15 @@ def test_compiled_layers_under_ddp_follow_the_eager_curve_and_zero2_on_two_proce
              "gradient_accumulation_steps": 2, "pack_tokens": 64, "eval_size": 0, "eval_strategy": "no",
              "save_strategy": "no", "logging_steps": 1, "gradient_checkpointing": False}  # fmt: skip
     runs = {}
-    for name, compiled in (("ddp", False), ("ddp", True), ("qlora-zero2", True)):
+    for name in ("ddp", "qlora-zero2"):
         preset = load_preset(name)
-        config = make_config(preset, **flags, torch_compile=compiled)
-        runs[name, compiled] = start_run(preset, config, gpus=[], runs_dir=tmp_path / "runs", num_processes=2)
-    eager = _curve(runs["ddp", False], tmp_path / "runs", compiled=False)
-    compiled = _curve(runs["ddp", True], tmp_path / "runs", compiled=True)
-    zero2 = _curve(runs["qlora-zero2", True], tmp_path / "runs", compiled=False)  # asked for, stood aside
-    assert len(eager) == len(compiled) == len(zero2) == 12
-    for (loss, norm), (c_loss, c_norm), (z_loss, z_norm) in zip(eager, compiled, zero2, strict=True):
-        assert c_loss == pytest.approx(loss, abs=1e-4) and z_loss == pytest.approx(loss, abs=1e-4)
-        assert c_norm == pytest.approx(norm, rel=1e-3) and z_norm == pytest.approx(norm, rel=1e-3)
+        for compiled in (False, True):
+            config = make_config(preset, **flags, torch_compile=compiled)
+            runs[name, compiled] = start_run(preset, config, gpus=[], runs_dir=tmp_path / "runs", num_processes=2)
+    for name in ("ddp", "qlora-zero2"):
+        eager = _curve(runs[name, False], tmp_path / "runs", compiled=False)
+        compiled = _curve(runs[name, True], tmp_path / "runs", compiled=True)
+        assert len(eager) == len(compiled) == 12
+        for (loss, norm), (c_loss, c_norm) in zip(eager, compiled, strict=True):
+            assert c_loss == pytest.approx(loss, abs=1e-4), name
+            assert c_norm == pytest.approx(norm, rel=1e-4), name

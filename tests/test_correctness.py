@@ -298,8 +298,10 @@ def test_zero2_in_bf16_learns_exactly_like_one_process(tiny_mistral, varied_data
     """The seed recipe's known issue: "loss diverges after some time when compared to DDP". DeepSpeed's
     bf16 mode rounded the LoRA weights to bf16, so small updates vanished (a 7B run drifted by 0.15 in 10
     steps on a GPU, benchmarks/RESULTS.md); engine/trainer_args.py keeps them fp32 under bf16 autocast.
-    Both sides run the same one-example passes (pack_tokens 1), so only that could tell them apart."""
-    bf16 = {**COMMON, "max_steps": 8, "learning_rate": 1e-4, "pack_tokens": 1}
+    Both sides run the same one-example passes (pack_tokens 1), uncompiled (a compiled layer rounds
+    bf16 differently for the first, static shape than for later ones, and the two sides meet their
+    examples in different orders), so only that could tell them apart."""
+    bf16 = {**COMMON, "max_steps": 8, "learning_rate": 1e-4, "pack_tokens": 1, "torch_compile": False}
     info = _start("qlora-zero2", tiny_mistral, varied_data, tmp_path / "runs", gradient_accumulation_steps=2, **bf16)
     one = _engine_one_process("qlora-zero2", tiny_mistral, varied_data, tmp_path / "one",
                               gradient_accumulation_steps=4, **bf16)

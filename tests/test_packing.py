@@ -50,7 +50,8 @@ def test_a_pass_resets_positions_and_masks_each_examples_first_label():
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 7] and batch["max_length_q"] == 3
     assert "attention_mask" not in batch  # a mask would turn transformers' packed-sequence detection off
     alone = pack([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
-    assert set(alone) == {"input_ids", "labels"}  # one example runs exactly as an unpacked micro-batch
+    assert set(alone) == set(batch)  # the same arguments, so the same compiled graph, for one example
+    assert alone["cu_seq_lens_q"].tolist() == [0, 3] and alone["position_ids"].tolist() == [[0, 1, 2]]
 
 
 def test_token_budget_defaults_to_what_a_padded_micro_batch_could_hold():
