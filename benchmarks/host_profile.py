@@ -14,6 +14,7 @@ py-spy is one static binary (`pip download py-spy`, unpack, carry it as .site/bi
 
 import argparse
 import gzip
+import json
 import os
 import re
 import subprocess
@@ -53,18 +54,17 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=67, help="samples a second (200 fell behind on an H100 host)")
     parser.add_argument("--summarize", type=Path, help="a raw file this command wrote, gzipped")
     args = parser.parse_args()
-    import json
-
     if args.summarize:
         print(json.dumps(summarize(gzip.open(args.summarize, "rt").read().splitlines()), indent=1))
         return
     raw = Path(os.environ.get("OUT", "/tmp")) / f"py-spy-{args.variant}.txt"
     subprocess.run([str(PY_SPY), "record", "--subprocesses", "--rate", str(args.rate), "--format", "raw",
                     "-o", str(raw), "--", sys.executable, "-m", "benchmarks.bench", "run", args.variant], check=True)
+    text = raw.read_text()
     with gzip.open(f"{raw}.gz", "wt") as out:  # raw samples run to 100 MB; gzipped, about 1
-        out.write(raw.read_text())
+        out.write(text)
     raw.unlink()
-    print(json.dumps({"variant": args.variant, **summarize(gzip.open(f"{raw}.gz", "rt").read().splitlines())}))
+    print(json.dumps({"variant": args.variant, **summarize(text.splitlines())}))
 
 
 if __name__ == "__main__":
