@@ -76,6 +76,10 @@ PRESET = {k: str(v).lower() if isinstance(v, bool) else v
           for k, v in load_preset("qlora-zero2").train.items() if v is not None}  # None: the engine's auto
 VARIANTS = {
     "preset-realistic": ("realistic", PRESET),
+    # the compiled layers keeping 90% or 70% of what they would for the backward pass (the preset: all)
+    "preset-amb90-fixed2048": ("fixed2048", {**PRESET, "activation_memory_budget": 0.9}),
+    "preset-bs16-amb90-realistic": ("realistic", {**PRESET, **BS16, "activation_memory_budget": 0.9}),
+    "preset-bs16-amb70-realistic": ("realistic", {**PRESET, **BS16, "activation_memory_budget": 0.7}),
     "preset-bs16-realistic": ("realistic", {**PRESET, **BS16}),
     "preset-fixed2048": ("fixed2048", PRESET),
     # the grown pass's feed-forward block in slices of hidden_size tokens, and without LoRA dropout:
@@ -87,6 +91,9 @@ VARIANTS = {
     # Unsloth's best batch within the seed's memory: a step of 16 in passes of at most 4,096 / 6,144 tokens
     "preset-bs16-pass4k-realistic": ("realistic", {**PRESET, **BS16, "pack_tokens": 4096}),
     "preset-bs16-pass6k-realistic": ("realistic", {**PRESET, **BS16, "pack_tokens": 6144}),
+    # what a user gets at 1 x 16: the same 16 examples a step, in passes grown to 4,096 tokens
+    "preset-acc16-realistic": ("realistic", {**PRESET, "per_device_train_batch_size": 1,
+                                             "gradient_accumulation_steps": 16}),
     "preset-pass2k-realistic": ("realistic", {**PRESET, "pack_tokens": 2048}),
     "preset-pass4k-realistic": ("realistic", {**PRESET, "pack_tokens": 4096}),
     "preset-tiled-fixed2048": ("fixed2048", {**PRESET, "tiled_mlp": "true"}),

@@ -31,14 +31,20 @@ def why_not_compiled(config: TrainConfig) -> str | None:
     return None
 
 
-def compile_layers(model: PreTrainedModel) -> int:
-    """Compiles every decoder layer's forward once; returns how many layers are compiled."""
+def compile_layers(model: PreTrainedModel, activation_memory_budget: float = 1.0) -> int:
+    """Compiles every decoder layer's forward once; returns how many layers are compiled.
+
+    dynamic=True: packed passes change length every step, so the graph is traced for any length
+    from the start, instead of once for the first pass's length and again at the next.
+    """
+    # Read when a graph is partitioned into forward and backward, at the first call of each.
+    torch._functorch.config.activation_memory_budget = activation_memory_budget
     compiled = 0
     for layer in model.modules():
         if not isinstance(layer, GradientCheckpointingLayer):
             continue
         if not hasattr(layer.forward, "_torchdynamo_orig_callable"):  # a second train() on the same model
-            layer.forward = torch.compile(layer.forward)
+            layer.forward = torch.compile(layer.forward, dynamic=True)
         compiled += 1
     return compiled
 
@@ -47,5 +53,8 @@ class CompileLayers(TrainerCallback):
     """compile_layers at the start of training: after Liger's kernels and tiled MLPs are in, so
     that the graph is traced through whichever forward runs."""
 
+    def __init__(self, activation_memory_budget: float = 1.0):
+        self.activation_memory_budget = activation_memory_budget
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        compile_layers(model)
+        compile_layers(model, self.activation_memory_budget)

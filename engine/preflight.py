@@ -52,6 +52,8 @@ def _number_problems(config: TrainConfig) -> list[str]:
         )
     if not 0 <= config.lora_dropout < 1:
         problems.append(f"lora_dropout: must be in [0, 1), got {config.lora_dropout}")
+    if not 0 <= config.activation_memory_budget <= 1:
+        problems.append(f"activation_memory_budget: must be in [0, 1], got {config.activation_memory_budget}")
     if not 0 <= config.warmup_ratio < 1:
         problems.append(f"warmup_ratio: must be in [0, 1), got {config.warmup_ratio}")
     if config.max_num_samples < 0:

@@ -195,7 +195,7 @@ class Recipe:
         if self.compiled:  # last: it traces whichever forward the callbacks above leave
             from engine.compile import CompileLayers
 
-            callbacks.append(CompileLayers())
+            callbacks.append(CompileLayers(self.config.activation_memory_budget))
         return callbacks
 
     def _chunked_loss(self) -> bool:

@@ -10,12 +10,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from engine import train
-from engine.compile import why_not_compiled
+from engine.compile import compile_layers, why_not_compiled
 from engine.config import parse_args
 from engine.events import read_events
 from engine.launch import ACTIVE, run_status, start_run
+from engine.packing import pack
 from engine.presets import load_preset, make_config
 from tests.conftest import write_jsonl
 
@@ -158,3 +160,52 @@ def test_compiled_layers_under_ddp_and_zero2_follow_the_eager_curve(six_layers, 
         for (loss, norm), (c_loss, c_norm) in zip(eager, compiled, strict=True):
             assert c_loss == pytest.approx(loss, abs=1e-4), name
             assert c_norm == pytest.approx(norm, rel=1e-4), name
+
+
+def _saved_bytes_and_gradients(model_dir: Path, data: Path, out: Path, budget: float) -> tuple[int, list]:
+    """One packed pass through the compiled layers at this activation_memory_budget: the bytes the
+    layers keep for the backward pass (each storage once) and the adapter's gradients."""
+    flags = ["--model_id", str(model_dir), "--train_data", str(data), "--output_dir", str(out), "--bf16", "false",
+             "--use_qlora", "false", "--gradient_checkpointing", "false", "--lora_dropout", "0.1",
+             "--eval_size", "0", "--torch_compile", "true", "--activation_memory_budget", str(budget)]
+    recipe = train.Recipe(parse_args(flags))
+    recipe.setup()
+    model = recipe.trainer.model
+    torch._dynamo.reset()  # the budget is read when a graph is first partitioned
+    compile_layers(model, budget)
+    model.train()
+    batch = pack([{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (40, 90, 60)])
+    layers = {id(m) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
+    inside, kept = [False], {}
+
+    def mark(module, args, output=None, entering=True):
+        inside[0] = entering
+
+    for m in model.modules():
+        if id(m) in layers:
+            m.register_forward_pre_hook(mark)
+            m.register_forward_hook(lambda m, a, o: mark(m, a, o, entering=False))
+
+    def pack_hook(t: torch.Tensor) -> torch.Tensor:
+        if inside[0] and not isinstance(t, torch.nn.Parameter):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(0)  # the same dropout for both budgets
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    return sum(kept.values()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_a_memory_budget_keeps_less_for_the_backward_with_the_same_gradients(six_layers, tmp_path):
+    """activation_memory_budget below 1: the compiled layers keep less (their dropout included, whose
+    random numbers the backward pass must then draw again, the same) and give the same gradients."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a b c", "completion": " d"}] * 4)
+    whole, grads = _saved_bytes_and_gradients(six_layers, data, tmp_path / "whole", 1.0)
+    budget, budget_grads = _saved_bytes_and_gradients(six_layers, data, tmp_path / "budget", 0.9)
+
+    assert budget < 0.9 * whole
+    assert len(grads) == len(budget_grads) > 0
+    for g, b in zip(grads, budget_grads, strict=True):
+        torch.testing.assert_close(b, g, rtol=1e-5, atol=1e-6)

@@ -432,6 +432,7 @@ def test_unusable_paths(path):
         ({"weight_decay": -0.1}, "weight_decay: must be 0 or more, got -0.1"),
         ({"tiled_mlp_tokens": -512}, "tiled_mlp_tokens: must be 0 (the default) or more, got -512"),
         ({"pack_tokens": -1}, "pack_tokens: must be 0 (the default) or more, got -1"),
+        ({"activation_memory_budget": "nan"}, "activation_memory_budget: must be in [0, 1], got nan"),
         ({"train_data": ""}, "train_data: give the path of a JSONL file of examples"),
         ({"train_data": "a\x00b"}, "train_data: a\x00b: is not a usable path"),
     ],
