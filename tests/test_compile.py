@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from engine import train
 from engine.compile import compile_layers, why_not_compiled
@@ -132,11 +131,11 @@ def _curve(info, runs_dir: Path, compiled: bool, timeout: float = 600) -> list[t
 
 @pytest.mark.slow
 def test_compiled_layers_under_ddp_and_zero2_follow_the_eager_curve(six_layers, tmp_path):
-    """The presets' 2-process runs (gloo, fp32, LoRA on the 16-bit base) with and without
-    torch_compile, started as the app starts them, in passes of at most 64 tokens: ranks run passes
-    of one example, of several and idle ones at once. The same losses and gradient norms (ZeRO-2 sums
-    gradients in hook order: when one-example passes took their own graph, its norms fell away from
-    eager's; tests/test_correctness.py has that case)."""
+    """The presets' 2-process runs (gloo, fp32, LoRA on the 16-bit base, checkpointed layers) with
+    and without torch_compile, started as the app starts them, in passes of at most 64 tokens:
+    ranks run passes of one example, of several and idle ones at once. The same losses and
+    gradient norms (ZeRO-2 sums gradients in hook order: when one-example passes took their own
+    graph, its norms fell away from eager's; tests/test_correctness.py has that case)."""
     rng = random.Random(0)
     words = ["a", "b", "c", "hello", "world"]
     rows = [{"prompt": f"Q{i}: " + " ".join(rng.choices(words, k=rng.randint(2, 8))),
@@ -146,7 +145,7 @@ def test_compiled_layers_under_ddp_and_zero2_follow_the_eager_curve(six_layers, 
     flags = {"model_id": str(six_layers), "train_data": str(data), "bf16": False, "use_qlora": False,
              "max_steps": 12, "learning_rate": 1e-3, "lora_dropout": 0.0, "per_device_train_batch_size": 1,
              "gradient_accumulation_steps": 2, "pack_tokens": 64, "eval_size": 0, "eval_strategy": "no",
-             "save_strategy": "no", "logging_steps": 1, "gradient_checkpointing": False}  # fmt: skip
+             "save_strategy": "no", "logging_steps": 1}  # fmt: skip
     runs = {}
     for name in ("ddp", "qlora-zero2"):
         preset = load_preset(name)
@@ -162,9 +161,9 @@ def test_compiled_layers_under_ddp_and_zero2_follow_the_eager_curve(six_layers, 
             assert c_norm == pytest.approx(norm, rel=1e-4), name
 
 
-def _saved_bytes_and_gradients(model_dir: Path, data: Path, out: Path, budget: float) -> tuple[int, list]:
-    """One packed pass through the compiled layers at this activation_memory_budget: the bytes the
-    layers keep for the backward pass (each storage once) and the adapter's gradients."""
+def _kept_and_gradients(model_dir: Path, data: Path, out: Path, budget: float) -> tuple[int, list]:
+    """One packed training pass through the compiled layers: the bytes the model keeps for the
+    backward pass (each storage once; the layers' share is most of it) and the adapter's gradients."""
     flags = ["--model_id", str(model_dir), "--train_data", str(data), "--output_dir", str(out), "--bf16", "false",
              "--use_qlora", "false", "--gradient_checkpointing", "false", "--lora_dropout", "0.1",
              "--eval_size", "0", "--torch_compile", "true", "--activation_memory_budget", str(budget)]
@@ -175,23 +174,14 @@ def _saved_bytes_and_gradients(model_dir: Path, data: Path, out: Path, budget: f
     compile_layers(model, budget)
     model.train()
     batch = pack([{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (40, 90, 60)])
-    layers = {id(m) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
-    inside, kept = [False], {}
-
-    def mark(module, args, output=None, entering=True):
-        inside[0] = entering
-
-    for m in model.modules():
-        if id(m) in layers:
-            m.register_forward_pre_hook(mark)
-            m.register_forward_hook(lambda m, a, o: mark(m, a, o, entering=False))
+    kept = {}
 
     def pack_hook(t: torch.Tensor) -> torch.Tensor:
-        if inside[0] and not isinstance(t, torch.nn.Parameter):
+        if not isinstance(t, torch.nn.Parameter):
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    torch.manual_seed(0)  # the same dropout for both budgets
+    torch.manual_seed(0)  # the same dropout in each run
     with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
         loss = model(**batch).loss
     loss.backward()
@@ -202,8 +192,8 @@ def test_a_memory_budget_keeps_less_for_the_backward_with_the_same_gradients(six
     """activation_memory_budget below 1: the compiled layers keep less (their dropout included, whose
     random numbers the backward pass must then draw again, the same) and give the same gradients."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a b c", "completion": " d"}] * 4)
-    whole, grads = _saved_bytes_and_gradients(six_layers, data, tmp_path / "whole", 1.0)
-    budget, budget_grads = _saved_bytes_and_gradients(six_layers, data, tmp_path / "budget", 0.9)
+    whole, grads = _kept_and_gradients(six_layers, data, tmp_path / "whole", budget=1.0)
+    budget, budget_grads = _kept_and_gradients(six_layers, data, tmp_path / "budget", budget=0.9)
 
     assert budget < 0.9 * whole
     assert len(grads) == len(budget_grads) > 0
