@@ -63,16 +63,17 @@ def pack(examples: list[dict]) -> dict[str, torch.Tensor | int]:
     ZeRO-2, ranks running different graphs in one pass summed different gradients (the passes of
     one example took another attention path; benchmarks/RESULTS.md, runs 33-42).
     """
-    input_ids, labels, position_ids = [], [], []
+    input_ids, labels, position_ids, bounds = [], [], [], [0]
     for example in examples:
         n = len(example["input_ids"])
         input_ids += example["input_ids"]
         labels += [-100, *example["labels"][1:]]
         position_ids += range(n)
+        bounds.append(bounds[-1] + n)
     batch: dict[str, torch.Tensor | int] = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
     positions = torch.tensor(position_ids)
-    starts = torch.cat([torch.nonzero(positions == 0).flatten(), torch.tensor([len(positions)])]).to(torch.int32)
-    longest = int(starts.diff().max())
+    starts = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(len(example["input_ids"]) for example in examples)
     # The names transformers' flash-attention path reads; other backends use the position ids.
     batch.update(position_ids=positions[None], cu_seq_lens_q=starts, cu_seq_lens_k=starts,
                  max_length_q=longest, max_length_k=longest)

@@ -31,6 +31,25 @@ def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
+def set_up_recipe(**flags):
+    """An engine Recipe set up from flags given as on the command line (values as text)."""
+    from engine import train
+    from engine.config import parse_args
+
+    recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
+    recipe.setup()
+    return recipe
+
+
+def mixed_lengths_jsonl(path: Path, words: list[str], rows: int = 24) -> Path:
+    """Prompts of 3 to 40 random words (seed 0): packed passes of changing lengths."""
+    import random
+
+    rng = random.Random(0)
+    return write_jsonl(path, [{"prompt": " ".join(rng.choices(words, k=rng.randint(3, 40))), "completion": " done."}
+                              for _ in range(rows)])  # fmt: skip
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """Writes rows (dicts, or raw strings written as-is) one per line."""
     with open(path, "w", encoding="utf-8") as f:

@@ -11,14 +11,12 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine import train
 from engine.compile import compile_layers, why_not_compiled
-from engine.config import parse_args
 from engine.events import read_events
 from engine.launch import ACTIVE, run_status, start_run
 from engine.packing import pack
 from engine.presets import load_preset, make_config
-from tests.conftest import write_jsonl
+from tests.conftest import mixed_lengths_jsonl, set_up_recipe, write_jsonl
 
 LAYERS = 6
 
@@ -41,8 +39,7 @@ def _losses(model_dir: Path, data: Path, out: Path, compile_: bool, peft_type: s
              "gradient_accumulation_steps": 2, "eval_size": 4, "eval_strategy": "steps", "eval_steps": 2,
              "save_strategy": "no", "logging_steps": 1, "report_to": "none", "peft_type": peft_type,
              "learning_rate": 1e-3 if peft_type == "none" else 2e-2, **more}  # steps that move the losses
-    recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
-    recipe.setup()
+    recipe = set_up_recipe(**flags)
     recipe.trainer.train()
     history = recipe.trainer.state.log_history
     return [h.get("loss", h.get("eval_loss")) for h in history if "loss" in h or "eval_loss" in h], recipe.compiled
@@ -51,12 +48,8 @@ def _losses(model_dir: Path, data: Path, out: Path, compile_: bool, peft_type: s
 @pytest.mark.parametrize("peft_type,qlora", [("lora", False), ("lora", True), ("ia3", False), ("none", False)])
 def test_compiled_layers_train_to_the_same_losses_with_one_graph_for_all_layers(six_layers, tmp_path, peft_type, qlora):
     """none: full finetuning; qlora: 4-bit weights, whose bitsandbytes calls the layer's graph makes."""
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "the", "of", "model"]
     # Mixed lengths: packed passes of changing sizes, so the shared graph must also take new shapes.
-    rows = [{"prompt": " ".join(rng.choices(words, k=rng.randint(3, 40))), "completion": " done."}
-            for _ in range(24)]
-    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    data = mixed_lengths_jsonl(tmp_path / "data.jsonl", ["alpha", "beta", "gamma", "delta", "the", "of", "model"])
 
     more = {"use_qlora": str(qlora).lower()}
     eager, eager_compiled = _losses(six_layers, data, tmp_path / "eager", compile_=False, peft_type=peft_type, **more)
@@ -77,10 +70,7 @@ def test_compiled_layers_with_tiled_mlps_share_their_graphs(six_layers, tmp_path
     """Each layer's feed-forward in slices of 8 tokens, over passes of changing lengths (so changing
     numbers of slices): the slices run outside the graph, so the layers still share a few graphs
     instead of one per layer and per slice count (past torch.compile's limit of 8, then uncompiled)."""
-    rng = random.Random(0)
-    rows = [{"prompt": " ".join(rng.choices(["alpha", "beta", "the"], k=rng.randint(3, 40))), "completion": " done."}
-            for _ in range(24)]
-    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    data = mixed_lengths_jsonl(tmp_path / "data.jsonl", ["alpha", "beta", "the"])
     tiled = {"tiled_mlp": "true", "tiled_mlp_tokens": 8}
     eager, _ = _losses(six_layers, data, tmp_path / "eager", compile_=False, peft_type="lora", **tiled)
     torch._dynamo.reset()
@@ -109,10 +99,8 @@ def test_compile_stands_aside_under_zero3_and_with_liger(tmp_path, monkeypatch):
 
 def test_the_trainer_never_compiles_the_whole_model(six_layers, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a b c", "completion": " d"}] * 4)
-    flags = ["--model_id", str(six_layers), "--train_data", str(data), "--output_dir", str(tmp_path / "o"),
-             "--torch_compile", "true", "--eval_size", "0", "--max_steps", "1"]
-    recipe = train.Recipe(parse_args(flags))
-    recipe.setup()
+    recipe = set_up_recipe(model_id=six_layers, train_data=data, output_dir=tmp_path / "o", torch_compile="true",
+                           eval_size=0, max_steps=1)
     assert recipe.trainer.args.torch_compile is False
     assert json.loads(json.dumps(recipe.resolved))["torch_compile"] is True
 
@@ -164,11 +152,9 @@ def test_compiled_layers_under_ddp_and_zero2_follow_the_eager_curve(six_layers, 
 def _kept_and_gradients(model_dir: Path, data: Path, out: Path, budget: float) -> tuple[int, list]:
     """One packed training pass through the compiled layers: the bytes the model keeps for the
     backward pass (each storage once; the layers' share is most of it) and the adapter's gradients."""
-    flags = ["--model_id", str(model_dir), "--train_data", str(data), "--output_dir", str(out), "--bf16", "false",
-             "--use_qlora", "false", "--gradient_checkpointing", "false", "--lora_dropout", "0.1",
-             "--eval_size", "0", "--torch_compile", "true", "--activation_memory_budget", str(budget)]
-    recipe = train.Recipe(parse_args(flags))
-    recipe.setup()
+    recipe = set_up_recipe(model_id=model_dir, train_data=data, output_dir=out, bf16="false", use_qlora="false",
+                           gradient_checkpointing="false", lora_dropout=0.1, eval_size=0, torch_compile="true",
+                           activation_memory_budget=budget)
     model = recipe.trainer.model
     torch._dynamo.reset()  # the budget is read when a graph is first partitioned
     compile_layers(model, budget)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from engine import train
-from engine.config import PeftType, TrainConfig, parse_args
+from engine.config import PeftType, TrainConfig
 from engine.embeddings import CpuEmbedding, why_not_offloaded
 from engine.memory import ModelShape, estimate_memory
-from tests.conftest import write_jsonl
+from tests.conftest import set_up_recipe, write_jsonl
 
 
 def _train(model_dir, data, out, **flags) -> tuple[list[float], train.Recipe]:
@@ -18,8 +18,7 @@ def _train(model_dir, data, out, **flags) -> tuple[list[float], train.Recipe]:
              "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "eval_size": 0,
              "save_strategy": "no", "logging_steps": 1, "report_to": "none", "learning_rate": 2e-2,
              "lora_dropout": 0.0, **flags}
-    recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
-    recipe.setup()
+    recipe = set_up_recipe(**flags)
     recipe.trainer.train()
     return [h["loss"] for h in recipe.trainer.state.log_history if "loss" in h], recipe
 

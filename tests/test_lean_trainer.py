@@ -1,23 +1,18 @@
 """LeanTrainer (engine/lean_trainer.py): the Trainer's clipping and operation count, the same
 numbers, without visiting every parameter of the model each step."""
 
-import random
-
 import pytest
 from transformers import PreTrainedModel, Trainer
 
-from engine import train
-from engine.config import parse_args
 from engine.lean_trainer import LeanTrainer
-from tests.conftest import write_jsonl
+from tests.conftest import mixed_lengths_jsonl, set_up_recipe
 
 
 def _history(model_dir, data, out) -> tuple[list[tuple], float]:
     flags = {"model_id": model_dir, "train_data": data, "output_dir": out, "bf16": "false", "lora_dropout": 0.0,
              "max_steps": 4, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "eval_size": 0,
              "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "learning_rate": 2e-2}  # fmt: skip
-    recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
-    recipe.setup()
+    recipe = set_up_recipe(**flags)
     recipe.trainer.args.max_grad_norm = 0.05  # not an engine flag; small enough that every step clips
     recipe.trainer.train()
     logs = [(h["loss"], h["grad_norm"]) for h in recipe.trainer.state.log_history if "loss" in h]
@@ -26,10 +21,7 @@ def _history(model_dir, data, out) -> tuple[list[tuple], float]:
 
 def test_lean_steps_clip_and_count_as_the_trainer_does_walking_the_parameters_once(tiny_mistral, tmp_path,
                                                                                     monkeypatch):
-    rng = random.Random(0)
-    rows = [{"prompt": " ".join(rng.choices(["alpha", "beta", "the", "of"], k=rng.randint(3, 40))),
-             "completion": " done."} for _ in range(24)]  # fmt: skip
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = mixed_lengths_jsonl(tmp_path / "d.jsonl", ["alpha", "beta", "the", "of"])
     counts = []
     count_parameters = PreTrainedModel.num_parameters
     monkeypatch.setattr(PreTrainedModel, "num_parameters",

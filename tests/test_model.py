@@ -104,16 +104,9 @@ def test_under_zero3_4bit_weights_are_stored_in_the_compute_dtype_with_the_same_
 def test_qlora_on_a_cpu_trains_the_same_steps_with_an_evaluation_between(tiny_mistral, tmp_path):
     """bitsandbytes repacks 4-bit weights for its CPU inference kernel at the first evaluation, and
     that kernel has no backward: the steps after it would lose their gradients without an error."""
-    import random
+    from tests.conftest import mixed_lengths_jsonl, set_up_recipe
 
-    from engine import train
-    from engine.config import parse_args
-    from tests.conftest import write_jsonl
-
-    rng = random.Random(0)
-    rows = [{"prompt": " ".join(rng.choices(["alpha", "beta", "the", "of"], k=rng.randint(3, 40))),
-             "completion": " done."} for _ in range(24)]  # fmt: skip
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = mixed_lengths_jsonl(tmp_path / "d.jsonl", ["alpha", "beta", "the", "of"])
 
     def losses(evaluate: bool) -> list[float]:
         flags = {"model_id": tiny_mistral, "train_data": data, "output_dir": tmp_path / str(evaluate),
@@ -121,8 +114,7 @@ def test_qlora_on_a_cpu_trains_the_same_steps_with_an_evaluation_between(tiny_mi
                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "eval_size": 4,
                  "eval_strategy": "steps" if evaluate else "no", "eval_steps": 2, "save_strategy": "no",
                  "logging_steps": 1, "learning_rate": 2e-2}  # fmt: skip
-        recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
-        recipe.setup()
+        recipe = set_up_recipe(**flags)
         recipe.trainer.train()
         return [h["loss"] for h in recipe.trainer.state.log_history if "loss" in h]
 
