@@ -58,14 +58,15 @@ def summarize(trace: dict, wall_s: float) -> dict:
         by_name[e["name"]][0] += e["dur"]
         by_name[e["name"]][1] += 1
     host: dict[str, float] = defaultdict(float)
-    for e in trace["traceEvents"]:
-        if e.get("cat") == "cpu_op" and e.get("dur"):
-            host[e["name"]] += e["dur"]
     # CUDA runtime calls: launches cost a few us each; a synchronize or a blocking copy is the host
     # waiting for the GPU, after which the GPU waits for the host: their time says how much.
     runtime: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in trace["traceEvents"]:
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("dur"):
+        if not e.get("dur"):
+            continue
+        if e.get("cat") == "cpu_op":
+            host[e["name"]] += e["dur"]
+        elif e.get("cat") in ("cuda_runtime", "cuda_driver"):
             runtime[e["name"]][0] += e["dur"]
             runtime[e["name"]][1] += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]

@@ -32,11 +32,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def set_up_recipe(**flags):
-    """An engine Recipe set up from flags given as on the command line (values as text)."""
+    """An engine Recipe set up from flag values, each read as the command line reads it."""
     from engine import train
-    from engine.config import parse_args
+    from engine.config import from_dict
 
-    recipe = train.Recipe(parse_args([str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
+    recipe = train.Recipe(from_dict(flags))
     recipe.setup()
     return recipe
 

@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from engine import train
-from engine.config import TrainConfig, parse_args
+from engine.config import TrainConfig
 from engine.events import read_events
 from engine.launch import ACTIVE, run_status, start_run
 from engine.model import add_adapter, load_model, pick_attention
 from engine.packing import pack
 from engine.presets import load_preset, make_config
-from tests.conftest import write_jsonl
+from tests.conftest import set_up_recipe, write_jsonl
 
 ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 WORDS = ("the of and to in is was for that with as on by at from model data token paris france capital river "
@@ -141,12 +141,10 @@ def test_a_steps_gradient_is_its_token_losses_over_the_label_tokens_of_the_whole
     """Micro-batch 1 x accumulation 4 = one batch of 4 = the step's examples one by one, each token
     weighted 1 / (label tokens of the whole step). Through the Trainer's own loop: the padded path
     normalises with its num_items_in_batch, the packed one (engine/packing.py) runs passes of 64 tokens."""
-    flags = _flags(model_id=tiny_mistral, train_data=accumulation_data, output_dir=tmp_path, max_steps=1,
-                   packing=packing, pack_tokens=64, per_device_train_batch_size=batch,
-                   gradient_accumulation_steps=accumulation, train_on_prompt="false", lora_dropout=0.0,
-                   gradient_checkpointing="false", eval_size=0, eval_strategy="no", save_strategy="no")
-    recipe = train.Recipe(parse_args(flags))
-    recipe.setup()
+    recipe = set_up_recipe(model_id=tiny_mistral, train_data=accumulation_data, output_dir=tmp_path, max_steps=1,
+                           packing=packing, pack_tokens=64, per_device_train_batch_size=batch,
+                           gradient_accumulation_steps=accumulation, train_on_prompt="false", lora_dropout=0.0,
+                           gradient_checkpointing="false", eval_size=0, eval_strategy="no", save_strategy="no")
     trainer, model = recipe.trainer, recipe.trainer.model
     _spread_lora_b(model)
     examples = list(recipe.datasets.train)
@@ -358,11 +356,9 @@ def test_with_train_on_prompt_false_no_gradient_comes_from_prompt_tokens(tiny_mi
     gradient, read back as text, are the completion or each assistant reply, with its eos. Both with
     the full logits and with engine/loss.py's chunked loss, which never makes them."""
     data = write_jsonl(tmp_path / "one.jsonl", [example])
-    flags = _flags(model_id=tiny_mistral, train_data=data, output_dir=tmp_path / "out", train_on_prompt="false",
-                   packing="false", per_device_train_batch_size=1, gradient_accumulation_steps=1,
-                   lora_dropout=0.0, eval_size=0, chunked_loss=chunked_loss)
-    recipe = train.Recipe(parse_args(flags))
-    recipe.setup()
+    recipe = set_up_recipe(model_id=tiny_mistral, train_data=data, output_dir=tmp_path / "out", train_on_prompt="false",
+                           packing="false", per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                           lora_dropout=0.0, eval_size=0, chunked_loss=chunked_loss)
     trainer, model = recipe.trainer, recipe.trainer.model
     (batch,), num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 1, trainer.args.device)
     hidden = []
